@@ -1,0 +1,246 @@
+//! The registry: the gateway's tenants and provider records in Redis (SPEC 1), read cheaply.
+//!
+//! Discovery is `SCAN MATCH tenant:*:providers` (never `KEYS`); members and records are read
+//! with pipelines, one round trip per batch. Three reads serve change detection (the engine
+//! in `crate::daemon` decides when to use which):
+//! - [`Registry::discover`]: every tenant and its provider names;
+//! - [`Registry::read_light`]: only [`record::LIGHT_FIELDS`] of known records, as fingerprints;
+//! - [`Registry::read_records`]: whole records, parsed.
+//!
+//! A key of the wrong Redis type never fails a batch: pipelines run with errors kept per
+//! command, and such a key becomes an invalid record (`wrong_type`).
+
+pub mod follow;
+pub mod record;
+pub mod watch;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use redis::Value;
+
+use crate::keys::{self, ProviderId};
+use crate::store::{Connection, StoreError};
+use record::{fingerprint, InvalidRecord, ProviderRecord, RecordState, LIGHT_FIELDS};
+
+/// What a tenant's provider set held.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Members {
+    Names(BTreeSet<String>),
+    /// `tenant:{t}:providers` is not a set.
+    WrongType,
+}
+
+/// Tenants and their provider names, as discovered.
+pub type Discovery = BTreeMap<String, Members>;
+
+/// Counts of what a read cost, for the benchmarks and the scan metric.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ReadStats {
+    pub round_trips: u64,
+    pub keys: u64,
+}
+
+pub struct Registry {
+    batch: usize,
+}
+
+impl Registry {
+    pub fn new(batch: usize) -> Registry {
+        Registry {
+            batch: batch.max(1),
+        }
+    }
+
+    /// Every tenant (SCAN) and its provider names (pipelined SMEMBERS).
+    pub async fn discover(
+        &self,
+        conn: &mut Connection,
+        stats: &mut ReadStats,
+    ) -> Result<Discovery, StoreError> {
+        let mut tenants = BTreeSet::new();
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(keys::PROVIDERS_PATTERN)
+                .arg("COUNT")
+                .arg(self.batch * 4)
+                .query_async(conn)
+                .await?;
+            stats.round_trips += 1;
+            for key in keys {
+                if let Some(t) = keys::tenant_of_providers_key(&key) {
+                    tenants.insert(t.to_string());
+                }
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        let tenants: Vec<String> = tenants.into_iter().collect();
+        self.read_members(conn, &tenants, stats).await
+    }
+
+    /// Pipelined SMEMBERS of the given tenants' provider sets. A tenant whose set has gone is
+    /// returned with no names.
+    pub async fn read_members(
+        &self,
+        conn: &mut Connection,
+        tenants: &[String],
+        stats: &mut ReadStats,
+    ) -> Result<Discovery, StoreError> {
+        let mut out = Discovery::new();
+        for chunk in tenants.chunks(self.batch) {
+            let mut pipe = redis::pipe();
+            pipe.ignore_errors();
+            for t in chunk {
+                pipe.cmd("SMEMBERS").arg(keys::providers_set_key(t));
+            }
+            let values: Vec<Value> = pipe.query_async(conn).await?;
+            stats.round_trips += 1;
+            stats.keys += chunk.len() as u64;
+            for (t, v) in chunk.iter().zip(values) {
+                out.insert(t.clone(), members_of(v));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Pipelined HGETALL of the given records, parsed.
+    pub async fn read_records(
+        &self,
+        conn: &mut Connection,
+        ids: &[ProviderId],
+        stats: &mut ReadStats,
+    ) -> Result<Vec<RecordState>, StoreError> {
+        let mut out = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(self.batch) {
+            let mut pipe = redis::pipe();
+            pipe.ignore_errors();
+            for id in chunk {
+                pipe.cmd("HGETALL").arg(id.record_key());
+            }
+            let values: Vec<Value> = pipe.query_async(conn).await?;
+            stats.round_trips += 1;
+            stats.keys += chunk.len() as u64;
+            out.extend(values.into_iter().map(parse_record_value));
+        }
+        Ok(out)
+    }
+
+    /// One record, parsed (used under the refresh lock).
+    pub async fn read_record(
+        conn: &mut Connection,
+        id: &ProviderId,
+    ) -> Result<RecordState, StoreError> {
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        pipe.cmd("HGETALL").arg(id.record_key());
+        let mut values: Vec<Value> = pipe.query_async(conn).await?;
+        Ok(parse_record_value(values.pop().unwrap_or(Value::Nil)))
+    }
+
+    /// Pipelined HMGET of [`LIGHT_FIELDS`]: a fingerprint per record, comparable with
+    /// [`RecordState::fingerprint`].
+    pub async fn read_light(
+        &self,
+        conn: &mut Connection,
+        ids: &[ProviderId],
+        stats: &mut ReadStats,
+    ) -> Result<Vec<u64>, StoreError> {
+        let mut out = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(self.batch) {
+            let mut pipe = redis::pipe();
+            pipe.ignore_errors();
+            for id in chunk {
+                pipe.cmd("HMGET")
+                    .arg(id.record_key())
+                    .arg(&LIGHT_FIELDS[..]);
+            }
+            let values: Vec<Value> = pipe.query_async(conn).await?;
+            stats.round_trips += 1;
+            stats.keys += chunk.len() as u64;
+            for v in values {
+                out.push(light_fingerprint(v));
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn bulk_string(v: Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => String::from_utf8(b).ok(),
+        Value::SimpleString(s) => Some(s),
+        _ => None,
+    }
+}
+
+fn members_of(v: Value) -> Members {
+    let items = match v {
+        Value::Array(items) => items,
+        Value::Set(items) => items,
+        Value::Nil => Vec::new(),
+        _ => return Members::WrongType,
+    };
+    Members::Names(
+        items
+            .into_iter()
+            .filter_map(bulk_string)
+            .filter(|n| !n.is_empty() && !n.contains(':'))
+            .collect(),
+    )
+}
+
+/// Turns an HGETALL answer (RESP2 flat array or RESP3 map) into a parsed record.
+pub fn parse_record_value(v: Value) -> RecordState {
+    let wrong = |reason: &'static str, detail: &str| RecordState::Invalid {
+        error: InvalidRecord::new(reason, detail),
+        fingerprint: if reason == "wrong_type" {
+            wrong_type_fingerprint()
+        } else {
+            fingerprint([Some(reason)])
+        },
+    };
+    let pairs: Vec<(Value, Value)> = match v {
+        Value::Array(items) => {
+            if items.len() % 2 != 0 {
+                return wrong("bad_encoding", "odd HGETALL answer");
+            }
+            let mut it = items.into_iter();
+            let mut pairs = Vec::new();
+            while let (Some(k), Some(v)) = (it.next(), it.next()) {
+                pairs.push((k, v));
+            }
+            pairs
+        }
+        Value::Map(pairs) => pairs,
+        Value::Nil => Vec::new(),
+        Value::ServerError(e) if e.code() == "WRONGTYPE" => {
+            return wrong("wrong_type", "the record key is not a hash")
+        }
+        _ => return wrong("wrong_type", "the record key is not a hash"),
+    };
+    let mut fields = Vec::with_capacity(pairs.len());
+    for (k, v) in pairs {
+        match (bulk_string(k), bulk_string(v)) {
+            (Some(k), Some(v)) => fields.push((k, v)),
+            _ => return wrong("bad_encoding", "a field or value is not UTF-8 text"),
+        }
+    }
+    ProviderRecord::parse(&fields)
+}
+
+fn light_fingerprint(v: Value) -> u64 {
+    let Value::Array(items) = v else {
+        return wrong_type_fingerprint();
+    };
+    let values: Vec<Option<String>> = items.into_iter().map(bulk_string).collect();
+    fingerprint(values.iter().map(|v| v.as_deref()))
+}
+
+fn wrong_type_fingerprint() -> u64 {
+    fingerprint([Some("wrong_type")])
+}

@@ -1,0 +1,46 @@
+//! Logs through `tracing-subscriber`: text or JSON on stdout, the filter from `log.level`
+//! (`TOKENWARDEN_LOG`), reloadable on SIGHUP.
+//!
+//! Nothing logged may carry a secret: secrets are [`crate::secret::Secret`]s, whose `Debug`
+//! is `[redacted]`, and errors are built from codes and descriptions, never from request
+//! bodies.
+
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{fmt, reload, EnvFilter, Registry};
+
+use crate::config::LogFormat;
+
+/// Changes the log filter of a running process.
+#[derive(Clone)]
+pub struct LogHandle(Option<reload::Handle<EnvFilter, Registry>>);
+
+impl LogHandle {
+    pub fn set_level(&self, level: &str) -> Result<(), String> {
+        let Some(h) = &self.0 else { return Ok(()) };
+        let filter = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+        h.reload(filter).map_err(|e| e.to_string())
+    }
+}
+
+/// Installs the global subscriber; a second call (tests) leaves the first in place.
+pub fn init(level: &str, format: LogFormat) -> LogHandle {
+    let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let (filter, handle) = reload::Layer::new(filter);
+    let registry = tracing_subscriber::registry().with(filter);
+    let installed = match format {
+        LogFormat::Json => registry
+            .with(
+                fmt::layer()
+                    .json()
+                    .with_current_span(true)
+                    .with_span_list(false)
+                    .with_writer(std::io::stdout),
+            )
+            .try_init(),
+        LogFormat::Text => registry
+            .with(fmt::layer().with_ansi(false).with_writer(std::io::stdout))
+            .try_init(),
+    };
+    LogHandle(installed.ok().map(|_| handle))
+}
