@@ -19,6 +19,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use tracing::Instrument;
 
+use crate::config::Config;
 use crate::context::{Command, Context};
 use crate::fleet::{Tracked, Verdict};
 use crate::health::{self, HealthUpdate};
@@ -245,6 +246,36 @@ async fn reapply(
     follow::commit(ctx, vec![(id.clone(), applied)]).await
 }
 
+/// Writes an attempt's outcome in one round trip: the health entry (the whole state from
+/// `tracked`, or only the attempt's fields) and one event.
+async fn record_outcome(
+    conn: &mut Connection,
+    cfg: &Config,
+    id: &ProviderId,
+    tracked: Option<&Tracked>,
+    at: DateTime<Utc>,
+    (result, error): (&str, Option<&str>),
+    (event, detail): (&str, &str),
+) -> Result<(), StoreError> {
+    let mut h = match tracked {
+        Some(t) => HealthUpdate::from_tracked(t, cfg.refresh.failing_after, at),
+        None => HealthUpdate::default(),
+    };
+    h.attempt(at, result, error);
+    let mut pipe = redis::pipe();
+    h.add_to(&mut pipe, id);
+    health::add_event(
+        &mut pipe,
+        cfg.events.stream_maxlen,
+        event,
+        id,
+        result,
+        detail,
+    );
+    pipe.query_async::<()>(conn).await?;
+    Ok(())
+}
+
 /// Formats `at` like the field's current value; empty fields get ISO with `+00:00`.
 fn like(at: DateTime<Utc>, current: Option<&timestamp::Timestamp>) -> String {
     let format = current.map_or(
@@ -341,19 +372,16 @@ async fn succeeded(
         t.version = version;
         t.clone()
     };
-    let mut h = HealthUpdate::from_tracked(&tracked, cfg.refresh.failing_after, issued);
-    h.attempt(issued, result::SUCCESS, None);
-    let mut pipe = redis::pipe();
-    h.add_to(&mut pipe, id);
-    health::add_event(
-        &mut pipe,
-        cfg.events.stream_maxlen,
-        "refresh",
+    record_outcome(
+        conn,
+        &cfg,
         id,
-        result::SUCCESS,
-        note.as_deref().unwrap_or(""),
-    );
-    pipe.query_async::<()>(conn).await?;
+        Some(&tracked),
+        issued,
+        (result::SUCCESS, None),
+        ("refresh", note.as_deref().unwrap_or("")),
+    )
+    .await?;
     tracing::info!(
         expires_in_secs = lifetime.as_secs(),
         rotated = !new_rt.is_empty(),
@@ -385,19 +413,16 @@ async fn conflict(
         .providers
         .get(id)
         .and_then(|t| t.next_refresh);
-    let mut pipe = redis::pipe();
-    let mut h = HealthUpdate::default();
-    h.attempt(Utc::now(), result::CONFLICT, Some(detail));
-    h.add_to(&mut pipe, id);
-    health::add_event(
-        &mut pipe,
-        cfg.events.stream_maxlen,
-        "conflict",
+    record_outcome(
+        conn,
+        &cfg,
         id,
-        result::CONFLICT,
-        detail,
-    );
-    pipe.query_async::<()>(conn).await?;
+        None,
+        Utc::now(),
+        (result::CONFLICT, Some(detail)),
+        ("conflict", detail),
+    )
+    .await?;
     Ok(Report::new(result::CONFLICT, next, detail))
 }
 
@@ -448,19 +473,16 @@ async fn permanent(
         t.clone()
     };
     let error = e.to_string();
-    let mut h = HealthUpdate::from_tracked(&tracked, cfg.refresh.failing_after, now);
-    h.attempt(now, result::REAUTH_REQUIRED, Some(&error));
-    let mut pipe = redis::pipe();
-    h.add_to(&mut pipe, id);
-    health::add_event(
-        &mut pipe,
-        cfg.events.stream_maxlen,
-        "reauth_required",
+    record_outcome(
+        conn,
+        &cfg,
         id,
-        code,
-        &error,
-    );
-    pipe.query_async::<()>(conn).await?;
+        Some(&tracked),
+        now,
+        (result::REAUTH_REQUIRED, Some(&error)),
+        ("reauth_required", &error),
+    )
+    .await?;
     tracing::error!(error = %error, "re-authorisation required: no further attempts until the record changes");
     Ok(Report::new(result::REAUTH_REQUIRED, None, error))
 }
@@ -513,19 +535,17 @@ async fn transient(
         retry_at = %tracked.next_refresh.map(timestamp::iso_utc).unwrap_or_default(),
         "token call failed; will retry"
     );
-    let mut h = HealthUpdate::from_tracked(&tracked, cfg.refresh.failing_after, now);
-    h.attempt(now, result::TRANSIENT_ERROR, Some(&error));
-    let mut pipe = redis::pipe();
-    h.add_to(&mut pipe, id);
-    health::add_event(
-        &mut pipe,
-        cfg.events.stream_maxlen,
-        "failure",
+    let written = record_outcome(
+        conn,
+        &cfg,
         id,
-        result::TRANSIENT_ERROR,
-        &error,
-    );
-    if let Err(err) = pipe.query_async::<()>(conn).await {
+        Some(&tracked),
+        now,
+        (result::TRANSIENT_ERROR, Some(&error)),
+        ("failure", &error),
+    )
+    .await;
+    if let Err(err) = written {
         tracing::warn!(error = %err, "health write failed");
     }
     (

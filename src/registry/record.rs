@@ -33,7 +33,8 @@ pub enum AuthType {
 #[derive(Debug, Clone)]
 pub struct ProviderRecord {
     pub provider_type: String,
-    pub active: bool,
+    /// `status` as stored (for fingerprints); a valid record's is `active` in some case.
+    pub status: String,
     pub auth_type: AuthType,
     pub client_id: String,
     pub client_secret: Secret,
@@ -224,7 +225,7 @@ impl ProviderRecord {
         let owned = |name: &str| non_empty(get(name)).map(str::to_string);
         RecordState::Valid(Box::new(ProviderRecord {
             provider_type,
-            active: true,
+            status: get("status").unwrap_or("").to_string(),
             auth_type,
             client_id,
             client_secret: Secret::new(get("client_secret").unwrap_or("")),
