@@ -172,6 +172,7 @@ pub async fn commit(ctx: &Context, decided: Vec<(ProviderId, Applied)>) -> Resul
         }
         if let Some((kind, detail)) = &a.event {
             health::add_event(&mut pipe, cfg.events.stream_maxlen, kind, &id, kind, detail);
+            n += 1;
         }
     }
     if n > 0 {
