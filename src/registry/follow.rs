@@ -425,7 +425,16 @@ async fn targeted(
         after_all.0.extend(after.0);
         *known = after_all;
     }
-    let ids: Vec<ProviderId> = records.into_iter().collect();
+    // Only what is still listed: a record deleted with its set entry is gone, not invalid.
+    let ids: Vec<ProviderId> = records
+        .into_iter()
+        .filter(|id| {
+            known
+                .0
+                .get(&*id.tenant)
+                .is_some_and(|n| n.contains(&*id.provider))
+        })
+        .collect();
     read_and_apply(ctx, registry, &ids, &mut stats).await?;
     metrics::histogram!(m::REGISTRY_SCAN_DURATION, "kind" => "targeted")
         .record(started.elapsed().as_secs_f64());
