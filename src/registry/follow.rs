@@ -213,9 +213,10 @@ async fn remove(ctx: &Context, gone: Vec<ProviderId>) -> Result<(), StoreError> 
     Ok(())
 }
 
-/// The registry as last discovered: tenant -> provider names.
+/// The registry as last discovered: tenant -> provider names, and the tenants whose provider
+/// set has the wrong Redis type (reported once, when first seen so).
 #[derive(Default)]
-struct Known(BTreeMap<String, BTreeSet<String>>);
+struct Known(BTreeMap<String, BTreeSet<String>>, BTreeSet<String>);
 
 impl Known {
     fn ids(&self) -> Vec<ProviderId> {
@@ -410,12 +411,16 @@ async fn targeted(
         let discovered = registry.read_members(&mut conn, &list, &mut stats).await?;
         drop(conn);
         let mut before = Known::default();
-        let mut after_all = Known(known.0.clone());
+        let mut after_all = Known(known.0.clone(), known.1.clone());
         for t in &list {
             if let Some(n) = known.0.get(t) {
                 before.0.insert(t.clone(), n.clone());
             }
+            if known.1.contains(t) {
+                before.1.insert(t.clone());
+            }
             after_all.0.remove(t);
+            after_all.1.remove(t);
         }
         let after = reconcile(&before, discovered);
         for id in after.ids() {
@@ -423,6 +428,7 @@ async fn targeted(
         }
         remove(ctx, gone_ids(&before, &after)).await?;
         after_all.0.extend(after.0);
+        after_all.1.extend(after.1);
         *known = after_all;
     }
     // Only what is still listed: a record deleted with its set entry is gone, not invalid.
