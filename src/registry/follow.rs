@@ -26,6 +26,9 @@ use crate::schedule::policy::Lifetime;
 use crate::store::{self, StoreError};
 use crate::telemetry::metrics as m;
 
+/// Records read, applied and committed per step of a full read.
+const APPLY_SLICE: usize = 5_000;
+
 /// What [`apply`] decided, to be sent to Redis and the engine after the fleet lock is gone.
 #[derive(Debug, Default)]
 pub struct Applied {
@@ -231,35 +234,37 @@ impl Known {
     }
 }
 
-/// Reads the given records and applies them.
+/// Reads the given records and applies them, a slice at a time so that parsed records never
+/// pile up in memory.
 async fn read_and_apply(
     ctx: &Context,
     registry: &Registry,
     ids: &[ProviderId],
     stats: &mut ReadStats,
 ) -> Result<(), StoreError> {
-    if ids.is_empty() {
-        return Ok(());
+    for slice in ids.chunks(APPLY_SLICE) {
+        let read_version = ctx.fleet.write().bump();
+        let mut conn = store::conn(&ctx.pool).await?;
+        let states = registry.read_records(&mut conn, slice, stats).await?;
+        drop(conn);
+        let cfg = ctx.config();
+        let now = Utc::now();
+        let decided: Vec<(ProviderId, Applied)> = {
+            let mut fleet = ctx.fleet.write();
+            slice
+                .iter()
+                .zip(states.iter())
+                .map(|(id, s)| {
+                    (
+                        id.clone(),
+                        apply(&mut fleet, &cfg, id, s, read_version, now),
+                    )
+                })
+                .collect()
+        };
+        commit(ctx, decided).await?;
     }
-    let read_version = ctx.fleet.write().bump();
-    let mut conn = store::conn(&ctx.pool).await?;
-    let states = registry.read_records(&mut conn, ids, stats).await?;
-    drop(conn);
-    let cfg = ctx.config();
-    let now = Utc::now();
-    let decided: Vec<(ProviderId, Applied)> = {
-        let mut fleet = ctx.fleet.write();
-        ids.iter()
-            .zip(states.iter())
-            .map(|(id, s)| {
-                (
-                    id.clone(),
-                    apply(&mut fleet, &cfg, id, s, read_version, now),
-                )
-            })
-            .collect()
-    };
-    commit(ctx, decided).await
+    Ok(())
 }
 
 /// Tenants whose provider set could be read, with their names; wrong-typed sets are kept as

@@ -16,11 +16,16 @@ pub mod watch;
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use futures_util::StreamExt;
+use redis::aio::MultiplexedConnection;
 use redis::Value;
 
 use crate::keys::{self, ProviderId};
 use crate::store::{Connection, StoreError};
 use record::{fingerprint, InvalidRecord, ProviderRecord, RecordState, LIGHT_FIELDS};
+
+/// Round trips in flight at once during a registry read.
+pub const PIPELINE_DEPTH: usize = 4;
 
 /// What a tenant's provider set held.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -91,21 +96,18 @@ impl Registry {
         tenants: &[String],
         stats: &mut ReadStats,
     ) -> Result<Discovery, StoreError> {
-        let mut out = Discovery::new();
-        for chunk in tenants.chunks(self.batch) {
-            let mut pipe = redis::pipe();
-            pipe.ignore_errors();
-            for t in chunk {
-                pipe.cmd("SMEMBERS").arg(keys::providers_set_key(t));
-            }
-            let values: Vec<Value> = pipe.query_async(conn).await?;
-            stats.round_trips += 1;
-            stats.keys += chunk.len() as u64;
-            for (t, v) in chunk.iter().zip(values) {
-                out.insert(t.clone(), members_of(v));
-            }
-        }
-        Ok(out)
+        let members = self
+            .pipelined(
+                conn,
+                tenants,
+                stats,
+                |pipe, t| {
+                    pipe.cmd("SMEMBERS").arg(keys::providers_set_key(t));
+                },
+                members_of,
+            )
+            .await?;
+        Ok(tenants.iter().cloned().zip(members).collect())
     }
 
     /// Pipelined HGETALL of the given records, parsed.
@@ -115,19 +117,16 @@ impl Registry {
         ids: &[ProviderId],
         stats: &mut ReadStats,
     ) -> Result<Vec<RecordState>, StoreError> {
-        let mut out = Vec::with_capacity(ids.len());
-        for chunk in ids.chunks(self.batch) {
-            let mut pipe = redis::pipe();
-            pipe.ignore_errors();
-            for id in chunk {
+        self.pipelined(
+            conn,
+            ids,
+            stats,
+            |pipe, id| {
                 pipe.cmd("HGETALL").arg(id.record_key());
-            }
-            let values: Vec<Value> = pipe.query_async(conn).await?;
-            stats.round_trips += 1;
-            stats.keys += chunk.len() as u64;
-            out.extend(values.into_iter().map(parse_record_value));
-        }
-        Ok(out)
+            },
+            parse_record_value,
+        )
+        .await
     }
 
     /// One record, parsed (used under the refresh lock).
@@ -150,22 +149,58 @@ impl Registry {
         ids: &[ProviderId],
         stats: &mut ReadStats,
     ) -> Result<Vec<u64>, StoreError> {
-        let mut out = Vec::with_capacity(ids.len());
-        for chunk in ids.chunks(self.batch) {
-            let mut pipe = redis::pipe();
-            pipe.ignore_errors();
-            for id in chunk {
+        self.pipelined(
+            conn,
+            ids,
+            stats,
+            |pipe, id| {
                 pipe.cmd("HMGET")
                     .arg(id.record_key())
                     .arg(&LIGHT_FIELDS[..]);
+            },
+            light_fingerprint,
+        )
+        .await
+    }
+
+    /// One command per item, `batch` items per round trip, up to [`PIPELINE_DEPTH`] round
+    /// trips in flight on the multiplexed connection; each answer is parsed as its batch
+    /// arrives, so raw answers never pile up. Errors of single commands (a key of the wrong
+    /// type) reach `parse` as values; only a connection error fails the whole read.
+    async fn pipelined<T, O: Send + 'static>(
+        &self,
+        conn: &mut Connection,
+        items: &[T],
+        stats: &mut ReadStats,
+        command: impl Fn(&mut redis::Pipeline, &T),
+        parse: fn(Value) -> O,
+    ) -> Result<Vec<O>, StoreError> {
+        let pipes: Vec<redis::Pipeline> = items
+            .chunks(self.batch)
+            .map(|chunk| {
+                let mut pipe = redis::pipe();
+                pipe.ignore_errors();
+                for item in chunk {
+                    command(&mut pipe, item);
+                }
+                pipe
+            })
+            .collect();
+        let base: MultiplexedConnection = (**conn).clone();
+        let batches = pipes.into_iter().map(move |pipe| {
+            let mut c = base.clone();
+            async move {
+                let values: Vec<Value> = pipe.query_async(&mut c).await?;
+                Ok::<_, redis::RedisError>(values.into_iter().map(parse).collect::<Vec<O>>())
             }
-            let values: Vec<Value> = pipe.query_async(conn).await?;
+        });
+        let mut answers = futures_util::stream::iter(batches).buffered(PIPELINE_DEPTH);
+        let mut out = Vec::with_capacity(items.len());
+        while let Some(parsed) = answers.next().await {
+            out.extend(parsed?);
             stats.round_trips += 1;
-            stats.keys += chunk.len() as u64;
-            for v in values {
-                out.push(light_fingerprint(v));
-            }
         }
+        stats.keys += items.len() as u64;
         Ok(out)
     }
 }
