@@ -59,6 +59,7 @@ pub struct Config {
     pub schedule: ScheduleConfig,
     pub refresh: RefreshConfig,
     pub shutdown: ShutdownConfig,
+    pub health: HealthConfig,
     pub metrics: MetricsConfig,
     pub events: EventsConfig,
     /// Directory against which relative paths in this config are resolved.
@@ -146,6 +147,16 @@ pub struct RefreshConfig {
 #[serde(deny_unknown_fields)]
 pub struct ShutdownConfig {
     pub drain_deadline_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    pub enabled: bool,
+    pub probe_interval_secs: u64,
+    pub probe_timeout_secs: u64,
+    pub slow_probe_ms: u64,
+    pub max_concurrent: usize,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -301,6 +312,13 @@ impl Config {
             if !ca.is_file() {
                 return bad(format!("refresh.ca_file {} does not exist", ca.display()));
             }
+        }
+        let h = &self.health;
+        if h.probe_interval_secs == 0 || h.probe_timeout_secs == 0 || h.max_concurrent == 0 {
+            return bad(
+                "health.probe_interval_secs, probe_timeout_secs and max_concurrent must be at least 1"
+                    .into(),
+            );
         }
         if self.shutdown.drain_deadline_secs == 0 {
             return bad("shutdown.drain_deadline_secs must be at least 1".into());

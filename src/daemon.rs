@@ -24,7 +24,7 @@ use crate::signals::{self, Event};
 use crate::store::{self, StoreError};
 use crate::telemetry::logging::LogHandle;
 use crate::telemetry::metrics as m;
-use crate::{engine, http, registry};
+use crate::{engine, health, http, registry};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -107,6 +107,7 @@ pub async fn run(
         cancel.clone(),
     ));
     let follow_task = tokio::spawn(registry::follow::run(Arc::clone(&ctx), cancel.clone()));
+    let probe_task = tokio::spawn(health::probe::run(Arc::clone(&ctx), cancel.clone()));
     let engine_task = tokio::spawn(engine::run(
         Arc::clone(&ctx),
         commands,
@@ -148,7 +149,7 @@ pub async fn run(
             "drain deadline passed: abandoned refreshes leave their locks to expire"
         ),
     }
-    for t in [http_task, follow_task, engine_task, upkeep] {
+    for t in [http_task, follow_task, engine_task, probe_task, upkeep] {
         t.abort();
     }
     tracing::info!("tokenwarden stopped");

@@ -55,6 +55,29 @@ pub enum Verdict {
     },
 }
 
+/// The last health probe of a provider.
+#[derive(Debug, Clone)]
+pub struct ProbeResult {
+    pub ok: bool,
+    /// Answered, but slower than `health.slow_probe_ms`.
+    pub slow: bool,
+    pub latency_ms: u64,
+    pub at: DateTime<Utc>,
+    /// Why it failed or was slow; never a secret.
+    pub detail: String,
+}
+
+impl ProbeResult {
+    /// Marks an answered probe slow when it took longer than `slow_ms`.
+    pub fn with_slow(mut self, slow_ms: u64) -> ProbeResult {
+        if self.ok && self.latency_ms > slow_ms {
+            self.slow = true;
+            self.detail = format!("slow health probe: {} ms", self.latency_ms);
+        }
+        self
+    }
+}
+
 /// One tracked provider.
 #[derive(Debug, Clone)]
 pub struct Tracked {
@@ -77,6 +100,7 @@ pub struct Tracked {
     pub last_result: Option<&'static str>,
     /// Last health probe result, when probes run.
     pub up: Option<bool>,
+    pub probe: Option<ProbeResult>,
     /// Bumped by every local change, so a registry read that started before it is not
     /// applied over it.
     pub version: u64,
@@ -103,6 +127,7 @@ impl Tracked {
             next_refresh: None,
             last_result: None,
             up: None,
+            probe: None,
             version: 0,
         }
     }
@@ -118,7 +143,9 @@ impl Tracked {
             HealthState::ReauthRequired
         } else if self.consecutive_failures >= failing_after {
             HealthState::Failing
-        } else if self.consecutive_failures > 0 {
+        } else if self.consecutive_failures > 0
+            || self.probe.as_ref().is_some_and(|p| !p.ok || p.slow)
+        {
             HealthState::Degraded
         } else {
             HealthState::Healthy
@@ -133,6 +160,12 @@ impl Tracked {
             Verdict::Active => self
                 .reauth
                 .clone()
+                .or_else(|| {
+                    self.probe
+                        .as_ref()
+                        .filter(|p| !p.ok || p.slow)
+                        .map(|p| p.detail.clone())
+                })
                 .or_else(|| self.note.clone())
                 .unwrap_or_default(),
         }

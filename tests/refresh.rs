@@ -26,7 +26,10 @@ const READY: Duration = Duration::from_secs(10);
 // Setup helpers
 
 /// Settings that make the daemon quick enough for tests.
-const FAST_ENV: [(&str, &str); 4] = [
+/// Health probes are off: their own tests are in tests/health.rs, and the state asserted
+/// here is the one refreshes give.
+const FAST_ENV: [(&str, &str); 5] = [
+    ("TOKENWARDEN_HEALTH_ENABLED", "false"),
     ("TOKENWARDEN_REGISTRY_CHANGE_SCAN_INTERVAL_SECS", "1"),
     ("TOKENWARDEN_SCHEDULE_JITTER_FRACTION", "0"),
     ("TOKENWARDEN_REFRESH_RETRY_BASE_MS", "200"),

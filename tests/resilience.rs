@@ -30,8 +30,11 @@ use support::{
 // Helpers
 
 /// Settings that keep the daemon quick enough for tests: a light registry scan every second,
-/// short retries, and a replica that found a lock busy looks again after a second.
-const FAST: [(&str, &str); 4] = [
+/// short retries, and a replica that found a lock busy looks again after a second. Health
+/// probes are off: their own tests are in tests/health.rs, and the state asserted here is
+/// the one refreshes give.
+const FAST: [(&str, &str); 5] = [
+    ("TOKENWARDEN_HEALTH_ENABLED", "false"),
     ("TOKENWARDEN_REGISTRY_CHANGE_SCAN_INTERVAL_SECS", "1"),
     ("TOKENWARDEN_REFRESH_RETRY_BASE_MS", "200"),
     ("TOKENWARDEN_REFRESH_RETRY_MAX_SECS", "2"),

@@ -353,6 +353,8 @@ async fn succeeded(
         t.fingerprint = record.fingerprint_after_write(rt_now, &token_expiry, &updated_at);
         t.reauth = None;
         t.consecutive_failures = 0;
+        // A probe's verdict was about the access token just replaced.
+        t.probe = None;
         t.note = note.clone();
         t.token_expiry = Some(expiry);
         t.issued_at = issued;

@@ -3,7 +3,10 @@
 //!
 //! Writers add commands to a pipeline so that a refresh outcome, its health entry and its
 //! event go to Redis in one round trip. Only fields this replica knows are written, so one
-//! replica's registry view never blanks another's refresh history.
+//! replica's registry view never blanks another's refresh history. [`probe`] checks each
+//! provider's API.
+
+pub mod probe;
 
 use chrono::{DateTime, Utc};
 use redis::Pipeline;
