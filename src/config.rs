@@ -113,6 +113,7 @@ pub struct RegistryConfig {
     pub full_rescan_interval_secs: u64,
     pub scan_batch: usize,
     pub keyspace_notifications: Notifications,
+    pub client_tracking: Notifications,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -376,6 +377,10 @@ impl Config {
         );
         check("http.listen", self.http.listen != next.http.listen);
         check("log.format", self.log.format != next.log.format);
+        check(
+            "registry.client_tracking",
+            self.registry.client_tracking != next.registry.client_tracking,
+        );
         check(
             "registry.keyspace_notifications",
             self.registry.keyspace_notifications != next.registry.keyspace_notifications,

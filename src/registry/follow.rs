@@ -3,8 +3,9 @@
 //! [`apply`] is the one place where a record read from Redis changes what tokenwarden
 //! believes (new, changed, inactive, invalid); refresh attempts use it too when they re-read
 //! a record under the lock. [`run`] is the loop: a full read at start and every
-//! `full_rescan_interval_secs`; in between, keyspace notifications when the server sends
-//! them, otherwise a light change scan every `change_scan_interval_secs`.
+//! `full_rescan_interval_secs`; in between, change events ([`watch`]: keyspace
+//! notifications when the server sends them, else client-tracking invalidations), and a
+//! light change scan every `change_scan_interval_secs` while no event source is live.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
@@ -407,7 +408,7 @@ async fn targeted(
                     tenants.insert(id.tenant.to_string());
                 }
             }
-            Change::Resync => {}
+            Change::Resync | Change::Lost | Change::Unsupported => {}
         }
     }
     if !tenants.is_empty() {
@@ -480,7 +481,7 @@ pub fn note_redis(ctx: &Context, result: &Result<(), StoreError>) {
 pub async fn run(ctx: Arc<Context>, cancel: CancellationToken) {
     let cfg = ctx.config();
     let (tx, mut rx) = mpsc::channel::<Change>(4096);
-    let mut notifications = false;
+    let mut source = "change scan";
     if cfg.registry.keyspace_notifications == Notifications::Auto {
         let enabled = match store::conn(&ctx.pool).await {
             Ok(mut conn) => watch::notifications_enabled(&mut conn)
@@ -493,26 +494,35 @@ pub async fn run(ctx: Arc<Context>, cancel: CancellationToken) {
                 Ok(client) => {
                     let db = client.get_connection_info().redis_settings().db();
                     tokio::spawn(watch::listen(client, db, tx.clone(), cancel.clone()));
-                    notifications = true;
+                    source = "keyspace notifications";
                 }
                 Err(e) => tracing::warn!(error = %e, "cannot open a subscriber connection"),
             }
         }
     }
+    if source == "change scan" && cfg.registry.client_tracking == Notifications::Auto {
+        let timeout = Duration::from_millis(cfg.redis.command_timeout_ms);
+        tokio::spawn(watch::track(
+            cfg.redis.url.clone(),
+            timeout,
+            tx.clone(),
+            cancel.clone(),
+        ));
+        source = "client tracking";
+    }
     drop(tx);
     tracing::info!(
-        mode = if notifications {
-            "keyspace notifications"
-        } else {
-            "change scan"
-        },
+        events = source,
         change_scan_interval_secs = cfg.registry.change_scan_interval_secs,
-        "following the registry"
+        "following the registry (change scans run while no event source is live)"
     );
     let mut known = Known::default();
     let mut next_full = Instant::now();
     let mut next_light = Instant::now();
     let mut failures: u32 = 0;
+    // An event source is running, and live: its events stand in for change scans.
+    let mut listening = source != "change scan";
+    let mut live = false;
     loop {
         let cfg = ctx.config();
         let registry = Registry::new(cfg.registry.scan_batch);
@@ -521,15 +531,36 @@ pub async fn run(ctx: Arc<Context>, cancel: CancellationToken) {
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep_until(wake.into()) => {}
-            change = rx.recv(), if notifications => {
-                let Some(first) = change else { notifications = false; continue };
+            change = rx.recv(), if listening => {
+                let Some(first) = change else {
+                    listening = false;
+                    live = false;
+                    continue;
+                };
                 let mut batch = vec![first];
                 while let Ok(c) = rx.try_recv() {
                     batch.push(c);
-                    if batch.len() >= 10_000 { break; }
+                    if batch.len() >= 10_000 {
+                        break;
+                    }
                 }
-                if batch.contains(&Change::Resync) {
-                    next_full = Instant::now();
+                if batch.contains(&Change::Unsupported) {
+                    tracing::info!("no event source: changes are found by change scans");
+                    listening = false;
+                    live = false;
+                    continue;
+                }
+                if let Some(pos) = batch.iter().rposition(|c| matches!(c, Change::Lost | Change::Resync)) {
+                    live = batch[pos] == Change::Resync;
+                    if live {
+                        // Events may have been missed before the source was (re)established.
+                        next_full = Instant::now();
+                    } else {
+                        next_light = Instant::now();
+                    }
+                    continue;
+                }
+                if !live {
                     continue;
                 }
                 let r = targeted(&ctx, &registry, &mut known, batch).await;
@@ -545,7 +576,7 @@ pub async fn run(ctx: Arc<Context>, cancel: CancellationToken) {
                 next_full = now + Duration::from_secs(cfg.registry.full_rescan_interval_secs);
             }
             r
-        } else if notifications {
+        } else if live {
             ping(&ctx).await
         } else {
             light_scan(&ctx, &registry, &mut known).await
