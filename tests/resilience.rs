@@ -507,6 +507,45 @@ async fn providers_added_and_removed_while_running_are_followed() {
 #[tokio::test]
 async fn keyspace_notifications_bring_changes_in_without_waiting_for_a_scan() {
     let redis = RedisServer::start_with_args(&["--notify-keyspace-events", "KEA"]);
+    // A change scan every 30 s: only notifications can explain a pickup within 3 s.
+    let env = fast_env(&[("TOKENWARDEN_REGISTRY_CHANGE_SCAN_INTERVAL_SECS", "30")]);
+    changes_are_followed(
+        &redis,
+        &env,
+        "subscribed to keyspace notifications",
+        "keyspace notifications",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn client_tracking_brings_changes_in_without_notifications_or_scans() {
+    // The server sends no keyspace notifications; a change scan every 30 s.
+    let redis = RedisServer::start();
+    let env = fast_env(&[("TOKENWARDEN_REGISTRY_CHANGE_SCAN_INTERVAL_SECS", "30")]);
+    changes_are_followed(
+        &redis,
+        &env,
+        "following registry changes through client-tracking invalidations",
+        "client tracking",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn change_scans_bring_changes_in_when_no_event_source_is_used() {
+    let redis = RedisServer::start_with_args(&["--notify-keyspace-events", "KEA"]);
+    let env = fast_env(&[
+        ("TOKENWARDEN_REGISTRY_KEYSPACE_NOTIFICATIONS", "off"),
+        ("TOKENWARDEN_REGISTRY_CLIENT_TRACKING", "off"),
+    ]);
+    changes_are_followed(&redis, &env, "following the registry", "change scan").await;
+}
+
+/// New tenants, new providers of known tenants, changed and removed records are all
+/// followed within 3 s by a daemon started with `env`, which says `log` once its event
+/// source is up and names `source` in its "following the registry" line.
+async fn changes_are_followed(redis: &RedisServer, env: &[(&str, &str)], log: &str, source: &str) {
     let fake = FakeProvider::start(3600);
     let mut conn = redis.conn();
     let first = seed_oauth(
@@ -518,24 +557,15 @@ async fn keyspace_notifications_bring_changes_in_without_waiting_for_a_scan() {
         json!({}),
     )
     .await;
-    // A change scan every 30 s: only notifications can explain a pickup within 3 s.
-    let daemon = Daemon::start(
-        &redis,
-        &fast_env(&[("TOKENWARDEN_REGISTRY_CHANGE_SCAN_INTERVAL_SECS", "30")]),
-    );
+    let daemon = Daemon::start(redis, env);
     daemon.wait_ready(Duration::from_secs(10)).await;
-    wait_for_log(
-        &daemon,
-        "subscribed to keyspace notifications",
-        Duration::from_secs(5),
-    )
-    .await;
+    wait_for_log(&daemon, log, Duration::from_secs(5)).await;
     assert!(
         daemon
             .logs()
             .lines()
-            .any(|l| l.contains("following the registry") && l.contains("keyspace notifications")),
-        "the daemon does not say it follows the registry by keyspace notifications"
+            .any(|l| l.contains("following the registry") && l.contains(source)),
+        "the daemon does not say it follows the registry by {source}"
     );
 
     // A new provider in a new tenant.
