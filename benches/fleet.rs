@@ -29,7 +29,12 @@
 //! `redis-server`, a daemon that exits or never gets ready, refreshes that stall) exits
 //! non-zero; a missed target does not. Environment: `FLEET_SIZES` (comma separated),
 //! `FLEET_IDLE_SECS` (idle CPU window, default 10), `FLEET_BURST` (default 1000),
-//! `FLEET_DAEMON_ENV` (`K=V,K=V` added to every daemon's environment, for experiments).
+//! `FLEET_DAEMON_ENV` (`K=V,K=V` added to every daemon's environment, for experiments),
+//! `FLEET_PERF_DIR` (record `perf` profiles of each phase there; the numbers of such a run
+//! are perturbed by the profiler and only the profiles are meant to be read).
+//!
+//! Other load on the machine skews every number: the table shows the CPU used by processes
+//! that are not part of the benchmark while refreshing ("foreign CPU").
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -89,6 +94,7 @@ struct Options {
     sizes: Vec<usize>,
     idle_secs: u64,
     burst: usize,
+    perf_dir: Option<PathBuf>,
 }
 
 impl Options {
@@ -120,6 +126,9 @@ impl Options {
             sizes,
             idle_secs: num("FLEET_IDLE_SECS", 10)?.max(1),
             burst: (num("FLEET_BURST", 1000)? as usize).max(4),
+            perf_dir: std::env::var_os("FLEET_PERF_DIR")
+                .filter(|d| !d.is_empty())
+                .map(PathBuf::from),
         })
     }
 }
@@ -227,6 +236,77 @@ fn status_kb(pid: u32, field: &str) -> Result<u64> {
         .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .ok_or_else(|| anyhow!("/proc/{pid}/status has no {field}"))
+}
+
+/// Busy clock ticks of the whole machine (all CPUs), from `/proc/stat`.
+fn machine_busy_ticks() -> Result<u64> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let line = stat
+        .lines()
+        .next()
+        .ok_or_else(|| anyhow!("/proc/stat is empty"))?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal
+    let get = |i: usize| v.get(i).copied().unwrap_or(0);
+    Ok(get(0) + get(1) + get(2) + get(5) + get(6) + get(7))
+}
+
+/// A `perf record` attached to one process, when `FLEET_PERF_DIR` is set.
+struct Perf(Option<Proc>);
+
+impl Perf {
+    fn start(opts: &Options, pid: u32, name: &str) -> Perf {
+        let Some(dir) = &opts.perf_dir else {
+            return Perf(None);
+        };
+        let _ = std::fs::create_dir_all(dir);
+        let out = dir.join(format!("{name}.data"));
+        match Command::new("perf")
+            .args([
+                "record",
+                "-q",
+                "-F",
+                "499",
+                "--call-graph",
+                "dwarf,16384",
+                "-p",
+            ])
+            .arg(pid.to_string())
+            .arg("-o")
+            .arg(&out)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+        {
+            Ok(child) => {
+                eprintln!("perf: recording {name} into {}", out.display());
+                Perf(Some(Proc { child }))
+            }
+            Err(e) => {
+                eprintln!("perf: cannot run perf ({e}); no profile for {name}");
+                Perf(None)
+            }
+        }
+    }
+
+    /// SIGINT makes perf write its data and exit.
+    async fn stop(self) {
+        if let Some(mut p) = self.0 {
+            let _ = Command::new("kill")
+                .arg("-INT")
+                .arg(p.pid().to_string())
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while p.exited().is_none() && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
 }
 
 fn clk_tck() -> u64 {
@@ -344,6 +424,48 @@ async fn redis_commands(conn: &mut MultiplexedConnection) -> Result<u64> {
         .ok_or_else(|| anyhow!("INFO stats has no total_commands_processed"))
 }
 
+/// `INFO commandstats`: command -> (calls, microseconds).
+async fn commandstats(conn: &mut MultiplexedConnection) -> Result<HashMap<String, (u64, u64)>> {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(conn)
+        .await?;
+    let mut out = HashMap::new();
+    for line in info.lines() {
+        let Some((name, rest)) = line
+            .strip_prefix("cmdstat_")
+            .and_then(|l| l.split_once(':'))
+        else {
+            continue;
+        };
+        let field = |key: &str| -> u64 {
+            rest.split(',')
+                .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        out.insert(name.to_string(), (field("calls"), field("usec")));
+    }
+    Ok(out)
+}
+
+/// Commands issued between two `commandstats` snapshots, most frequent first.
+fn command_delta(
+    before: &HashMap<String, (u64, u64)>,
+    after: &HashMap<String, (u64, u64)>,
+) -> Vec<(String, u64, u64)> {
+    let mut out: Vec<(String, u64, u64)> = after
+        .iter()
+        .map(|(k, (c, u))| {
+            let (c0, u0) = before.get(k).copied().unwrap_or((0, 0));
+            (k.clone(), c.saturating_sub(c0), u.saturating_sub(u0))
+        })
+        .filter(|(_, c, _)| *c > 0)
+        .collect();
+    out.sort_by(|a, b| b.1.cmp(&a.1));
+    out
+}
+
 async fn config_set(conn: &mut MultiplexedConnection, key: &str, value: &str) -> Result<()> {
     redis::cmd("CONFIG")
         .arg("SET")
@@ -394,10 +516,6 @@ impl Fake {
             proc,
             base: format!("http://127.0.0.1:{port}"),
         })
-    }
-
-    fn token_url(&self) -> String {
-        format!("{}/token", self.base)
     }
 
     async fn seed(&self, http: &Http, clients: Vec<serde_json::Value>) -> Result<()> {
@@ -670,14 +788,25 @@ impl Group<'_> {
         format!("rt-{}-{gen}-{i:07}-4f1c9a0e2b7d4e8a", self.prefix)
     }
 
-    fn fake_clients(&self, gen: u32) -> Vec<serde_json::Value> {
+    fn access_token(&self, gen: u32, i: usize, body: &str) -> String {
+        format!("eyJhbGciOiJSUzI1NiJ9.{}{gen}{i:08}.{body}", self.prefix)
+    }
+
+    /// The endpoint's clients; with `access`, the records' access tokens are live too (for
+    /// health probes).
+    fn fake_clients(&self, gen: u32, access: bool) -> Vec<serde_json::Value> {
+        let body = access_token_body();
         (0..self.n)
             .map(|i| {
-                json!({
+                let mut c = json!({
                     "client_id": self.client_id(i),
                     "client_secret": self.secret(i),
                     "refresh_token": self.refresh_token(gen, i),
-                })
+                });
+                if access {
+                    c["access_token"] = json!(self.access_token(gen, i, &body));
+                }
+                c
             })
             .collect()
     }
@@ -704,7 +833,8 @@ fn access_token_body() -> String {
 struct Seeding<'a> {
     group: &'a Group<'a>,
     gen: u32,
-    token_url: &'a str,
+    /// The token endpoint's base URL: `/token`, and `/api/...` for the records' API.
+    endpoint: &'a str,
     expiry: &'a dyn Fn(usize) -> String,
     /// Also write a health hash per record, as a running daemon leaves it.
     health: bool,
@@ -737,24 +867,22 @@ async fn seed(conn: &mut MultiplexedConnection, s: &Seeding<'_>) -> Result<()> {
             }
             let (api, scopes) = match ptype {
                 "goto" => (
-                    "https://api.jive.com/voice-admin/v1",
+                    "voice-admin/v1",
                     r#"["voice-admin.v1.read", "identity:scim.org"]"#,
                 ),
                 "teams" => (
-                    "https://graph.microsoft.com",
+                    "",
                     r#"["https://graph.microsoft.com/.default", "offline_access"]"#,
                 ),
-                "ringcentral" => (
-                    "https://platform.ringcentral.com",
-                    r#"["ReadAccounts", "ReadCallLog", "CallControl"]"#,
-                ),
-                _ => (
-                    "https://api.zoom.us/v2",
-                    r#"["phone:read:admin", "user:read:admin"]"#,
-                ),
+                "ringcentral" => ("", r#"["ReadAccounts", "ReadCallLog", "CallControl"]"#),
+                _ => ("v2", r#"["phone:read:admin", "user:read:admin"]"#),
             };
             let id = g.id(i);
-            let fields: Vec<(&str, String)> = vec![
+            // The API (health probes) and the token endpoint are the local fake's.
+            let api = format!("{}/api/{ptype}/{api}", s.endpoint)
+                .trim_end_matches('/')
+                .to_string();
+            let mut fields: Vec<(&str, String)> = vec![
                 ("provider_type", ptype.into()),
                 ("status", "active".into()),
                 ("auth_type", "oauth".into()),
@@ -764,14 +892,11 @@ async fn seed(conn: &mut MultiplexedConnection, s: &Seeding<'_>) -> Result<()> {
                     "account_key",
                     format!("{}", 4_266_846_632_996_939_781u64 + i as u64),
                 ),
-                (
-                    "access_token",
-                    format!("eyJhbGciOiJSUzI1NiJ9.{i:08}.{body}"),
-                ),
+                ("access_token", g.access_token(s.gen, i, &body)),
                 ("refresh_token", g.refresh_token(s.gen, i)),
                 ("token_expiry", (s.expiry)(i)),
                 ("scopes", scopes.into()),
-                ("api_base_url", api.into()),
+                ("api_base_url", api),
                 (
                     "features_enabled",
                     r#"["users", "extensions", "call_queues", "auto_attendants"]"#.into(),
@@ -779,8 +904,12 @@ async fn seed(conn: &mut MultiplexedConnection, s: &Seeding<'_>) -> Result<()> {
                 ("sync_enabled", "True".into()),
                 ("created_at", stamp.into()),
                 ("updated_at", stamp.into()),
-                ("token_url", s.token_url.into()),
+                ("token_url", format!("{}/token", s.endpoint)),
             ];
+            if ptype == "goto" {
+                // The catalog probes GoTo at an absolute URL; point the probe at the fake.
+                fields.push(("health_path", "/admin/rest/v1/me".into()));
+            }
             pipe.cmd("HSET").arg(id.record_key()).arg(&fields).ignore();
             pipe.cmd("SADD")
                 .arg(keys::providers_set_key(&tenant))
@@ -936,6 +1065,9 @@ struct Row {
     lib_min_ms: f64,
     lib_discover_ms: f64,
     lib_round_trips: u64,
+    /// Commands of one more library scan, with their server time in ms; and that scan's time.
+    lib_server: Vec<(String, u64, f64)>,
+    lib_check_ms: f64,
     parse_ms: f64,
     naive_ms: f64,
     naive_round_trips: u64,
@@ -956,6 +1088,10 @@ struct Row {
     rss_per_provider_b: f64,
     idle_cpu: f64,
     idle_redis_cpu: f64,
+    idle_fake_cpu: f64,
+    probes_per_s: f64,
+    idle_cpu_scan: f64,
+    idle_redis_cpu_scan: f64,
     idle_redis_cmds: f64,
     ready_notify_s: f64,
     idle_cpu_notify: f64,
@@ -983,8 +1119,11 @@ struct Throughput {
     rotated: (usize, usize),
     rss_end_mb: f64,
     hwm_mb: f64,
-    /// CPU in percent of one core while refreshing: daemon, redis-server, token endpoint.
-    cpu: [f64; 3],
+    /// Redis commands per refresh after the first scan: (command, calls, server µs).
+    per_refresh: Vec<(String, f64, f64)>,
+    /// CPU in percent of one core while refreshing: daemon, redis-server, token endpoint,
+    /// and processes that are not part of the benchmark.
+    cpu: [f64; 4],
 }
 
 struct Spread {
@@ -1133,13 +1272,14 @@ async fn measure(b: &mut Bench, n: usize, baseline_mb: f64) -> Result<Row> {
         &Seeding {
             group: &main,
             gen: 0,
-            token_url: &fake.token_url(),
+            endpoint: &fake.base,
             expiry: &far_fn,
             health: true,
         },
     )
     .await?;
     row.redis_keys = redis::cmd("DBSIZE").query_async(&mut b.conn).await?;
+    fake.seed(&b.http, main.fake_clients(0, true)).await?;
     eprintln!(
         "seeded {n} providers ({} keys) in {:.1} s",
         row.redis_keys,
@@ -1195,6 +1335,24 @@ async fn measure(b: &mut Bench, n: usize, baseline_mb: f64) -> Result<Row> {
         .map(|rps| n as f64 / rps * 1000.0);
     row.rb1_ms = redis_benchmark(b.redis.port, &record_keys[0], requests, true)
         .map(|rps| n as f64 / rps * 1000.0);
+    // Where the library scan's time goes on the server.
+    let before = commandstats(&mut b.conn).await?;
+    let s = library_scan(&pool, SCAN_BATCH).await?;
+    let after = commandstats(&mut b.conn).await?;
+    row.lib_server = command_delta(&before, &after)
+        .into_iter()
+        .filter(|(c, _, _)| c != "info")
+        .map(|(c, calls, usec)| (c, calls, usec as f64 / 1000.0))
+        .collect();
+    row.lib_check_ms = ms(s.total);
+    if b.opts.perf_dir.is_some() {
+        let perf = Perf::start(&b.opts, std::process::id(), &format!("scan-library-{n}"));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        for _ in 0..3 {
+            library_scan(&pool, SCAN_BATCH).await?;
+        }
+        perf.stop().await;
+    }
     drop(pool);
     eprintln!(
         "scan: library {:.0} ms ({} round trips), raw pipelined {:.0} ms, naive {:.0} ms",
@@ -1203,16 +1361,26 @@ async fn measure(b: &mut Bench, n: usize, baseline_mb: f64) -> Result<Row> {
 
     // ---- the daemon, every token far in the future: default configuration ----
     let mut d1 = Daemon::spawn(&b.dir.0, &format!("idle-{n}"), &b.redis.url(0), &[])?;
+    let perf = Perf::start(&b.opts, d1.pid(), &format!("first-scan-daemon-{n}"));
     row.ready_s = d1.wait_ready(&b.http).await?.as_secs_f64();
+    perf.stop().await;
     row.rss_ready_mb = d1.rss_mb()?;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let (cpu, cmds) = b
-        .idle(&[d1.pid(), b.redis.proc.pid()], b.opts.idle_secs)
+    let perf = Perf::start(&b.opts, d1.pid(), &format!("idle-daemon-{n}"));
+    let probes_before = stat(&fake.stats(&b.http).await?, "api_ok");
+    let (cpu, _) = b
+        .idle(
+            &[d1.pid(), b.redis.proc.pid(), fake.proc.pid()],
+            b.opts.idle_secs,
+        )
         .await?;
+    let probes = stat(&fake.stats(&b.http).await?, "api_ok").saturating_sub(probes_before);
+    perf.stop().await;
     d1.check_alive()?;
     row.idle_cpu = cpu[0];
     row.idle_redis_cpu = cpu[1];
-    row.idle_redis_cmds = cmds;
+    row.idle_fake_cpu = cpu[2];
+    row.probes_per_s = probes as f64 / b.opts.idle_secs as f64;
     row.rss_steady_mb = d1.rss_mb()?;
     row.rss_per_provider_b = (row.rss_steady_mb - baseline_mb) * 1024.0 * 1024.0 / n as f64;
     let (t, size, text) = b.scrape(&d1).await?;
@@ -1227,26 +1395,52 @@ async fn measure(b: &mut Bench, n: usize, baseline_mb: f64) -> Result<Row> {
         row.ready_s, row.rss_steady_mb, row.idle_cpu, row.idle_redis_cpu, row.scrape_on_ms, row.scrape_on_bytes
     );
 
-    // ---- keyspace notifications on, per-provider series off ----
-    config_set(&mut b.conn, "notify-keyspace-events", "KEA").await?;
+    // ---- health probes off: the change scan alone ----
+    let no_probes = ("TOKENWARDEN_HEALTH_ENABLED", "false".to_string());
     let mut d2 = Daemon::spawn(
         &b.dir.0,
-        &format!("notify-{n}"),
+        &format!("no-probes-{n}"),
         &b.redis.url(0),
-        &[("TOKENWARDEN_METRICS_PER_PROVIDER_SERIES", "false".into())],
+        std::slice::from_ref(&no_probes),
     )?;
-    row.ready_notify_s = d2.wait_ready(&b.http).await?.as_secs_f64();
+    d2.wait_ready(&b.http).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let (cpu, _) = b
+    let (cpu, cmds) = b
         .idle(&[d2.pid(), b.redis.proc.pid()], b.opts.idle_secs)
         .await?;
     d2.check_alive()?;
+    row.idle_cpu_scan = cpu[0];
+    row.idle_redis_cpu_scan = cpu[1];
+    row.idle_redis_cmds = cmds;
+    d2.stop().await;
+    eprintln!(
+        "change scan alone: idle CPU {:.2} % (redis {:.2} %, {:.0} commands/s)",
+        row.idle_cpu_scan, row.idle_redis_cpu_scan, row.idle_redis_cmds
+    );
+
+    // ---- keyspace notifications on, probes off, per-provider series off ----
+    config_set(&mut b.conn, "notify-keyspace-events", "KEA").await?;
+    let mut d3 = Daemon::spawn(
+        &b.dir.0,
+        &format!("notify-{n}"),
+        &b.redis.url(0),
+        &[
+            ("TOKENWARDEN_METRICS_PER_PROVIDER_SERIES", "false".into()),
+            no_probes.clone(),
+        ],
+    )?;
+    row.ready_notify_s = d3.wait_ready(&b.http).await?.as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (cpu, _) = b
+        .idle(&[d3.pid(), b.redis.proc.pid()], b.opts.idle_secs)
+        .await?;
+    d3.check_alive()?;
     row.idle_cpu_notify = cpu[0];
     row.idle_redis_cpu_notify = cpu[1];
-    row.rss_notify_mb = d2.rss_mb()?;
-    let (t, size, _) = b.scrape(&d2).await?;
+    row.rss_notify_mb = d3.rss_mb()?;
+    let (t, size, _) = b.scrape(&d3).await?;
     (row.scrape_off_ms, row.scrape_off_bytes) = (t, size);
-    d2.stop().await;
+    d3.stop().await;
     config_set(&mut b.conn, "notify-keyspace-events", "").await?;
     drop(fake);
     eprintln!(
@@ -1276,13 +1470,13 @@ async fn throughput(b: &mut Bench, n: usize, concurrency: usize, gen: u32) -> Re
         &Seeding {
             group: &main,
             gen,
-            token_url: &fake.token_url(),
+            endpoint: &fake.base,
             expiry: &expired,
             health: false,
         },
     )
     .await?;
-    fake.seed(&b.http, main.fake_clients(gen)).await?;
+    fake.seed(&b.http, main.fake_clients(gen, false)).await?;
     let mut d = Daemon::spawn(
         &b.dir.0,
         &format!("refresh-{n}-{concurrency}"),
@@ -1293,22 +1487,38 @@ async fn throughput(b: &mut Bench, n: usize, concurrency: usize, gen: u32) -> Re
                 concurrency.to_string(),
             ),
             ("TOKENWARDEN_SCHEDULE_JITTER_FRACTION", "0".into()),
+            ("TOKENWARDEN_HEALTH_ENABLED", "false".into()),
             ("TOKENWARDEN_METRICS_PER_PROVIDER_SERIES", "false".into()),
         ],
     )?;
     let mut ready: Option<f64> = None;
+    // Redis commands and refreshes done when the first scan was over.
+    let mut at_ready: Option<(HashMap<String, (u64, u64)>, u64)> = None;
     let mut series: Vec<(f64, f64)> = vec![(0.0, 0.0)];
     let mut last_progress = Instant::now();
     let mut results = HashMap::new();
-    let pids = [d.pid(), b.redis.proc.pid(), fake.proc.pid()];
-    let ticks = |pids: &[u32; 3]| -> Result<[u64; 3]> {
+    let perf = Perf::start(
+        &b.opts,
+        d.pid(),
+        &format!("refresh-daemon-{n}-{concurrency}"),
+    );
+    let pids = [
+        d.pid(),
+        b.redis.proc.pid(),
+        fake.proc.pid(),
+        std::process::id(),
+    ];
+    // Daemon, redis-server, endpoint, this process, the whole machine.
+    let ticks = |pids: &[u32; 4]| -> Result<[u64; 5]> {
         Ok([
             cpu_ticks(pids[0])?,
             cpu_ticks(pids[1])?,
             cpu_ticks(pids[2])?,
+            cpu_ticks(pids[3])?,
+            machine_busy_ticks()?,
         ])
     };
-    let mut window_start: Option<(Instant, [u64; 3])> = None;
+    let mut window_start: Option<(Instant, [u64; 5])> = None;
     let done_at: f64;
     loop {
         d.check_alive()?;
@@ -1316,6 +1526,10 @@ async fn throughput(b: &mut Bench, n: usize, concurrency: usize, gen: u32) -> Re
         if ready.is_none() {
             if let Ok((200, _)) = b.http.get(&format!("{}/readyz", d.base)).await {
                 ready = Some(now);
+                at_ready = Some((
+                    commandstats(&mut b.conn).await?,
+                    stat(&fake.stats(&b.http).await?, "refresh_ok"),
+                ));
             }
         }
         // Progress is read from the endpoint's counter (O(1)); the daemon's /metrics walks
@@ -1351,11 +1565,15 @@ async fn throughput(b: &mut Bench, n: usize, concurrency: usize, gen: u32) -> Re
         Some((since, before)) => {
             let after = ticks(&pids)?;
             let wall = since.elapsed().as_secs_f64().max(1e-3);
-            let pct = |i: usize| (after[i] - before[i]) as f64 / b.clk_tck as f64 / wall * 100.0;
-            [pct(0), pct(1), pct(2)]
+            let pct = |i: usize| {
+                after[i].saturating_sub(before[i]) as f64 / b.clk_tck as f64 / wall * 100.0
+            };
+            let ours = pct(0) + pct(1) + pct(2) + pct(3);
+            [pct(0), pct(1), pct(2), (pct(4) - ours).max(0.0)]
         }
-        None => [f64::NAN; 3],
+        None => [f64::NAN; 4],
     };
+    perf.stop().await;
     // Time at which the endpoint's count first reached `k`, interpolated between samples.
     let at = |k: f64| -> f64 {
         for w in series.windows(2) {
@@ -1380,6 +1598,18 @@ async fn throughput(b: &mut Bench, n: usize, concurrency: usize, gen: u32) -> Re
         .sum::<f64>()
         + 0.0;
     let stats = fake.stats(&b.http).await?;
+    // Redis commands per refresh after the first scan (change scans shown apart).
+    let mut per_refresh = Vec::new();
+    if let Some((before, ok_before)) = &at_ready {
+        let after = commandstats(&mut b.conn).await?;
+        let refreshed = stat(&stats, "refresh_ok").saturating_sub(*ok_before).max(1) as f64;
+        for (name, calls, usec) in command_delta(before, &after) {
+            if name == "info" {
+                continue;
+            }
+            per_refresh.push((name, calls as f64 / refreshed, usec as f64 / refreshed));
+        }
+    }
     // A sample of records must hold rotated refresh tokens.
     let mut pipe = redis::pipe();
     let sample: Vec<usize> = (0..n).step_by((n / 200).max(1)).collect();
@@ -1411,13 +1641,14 @@ async fn throughput(b: &mut Bench, n: usize, concurrency: usize, gen: u32) -> Re
         rss_end_mb: d.rss_mb()?,
         hwm_mb: d.hwm_mb()?,
         cpu,
+        per_refresh,
     };
     d.stop().await;
     drop(fake);
     eprintln!(
-        "refresh c={concurrency}: steady {:.0}/s, overall {:.0}/s, {:.2} s for {n}; endpoint max in flight {}, failures {}, reuse {}, rotated {}/{}; CPU daemon {:.0} % redis {:.0} % endpoint {:.0} %",
+        "refresh c={concurrency}: steady {:.0}/s, overall {:.0}/s, {:.2} s for {n}; endpoint max in flight {}, failures {}, reuse {}, rotated {}/{}; CPU daemon {:.0} % redis {:.0} % endpoint {:.0} % foreign {:.0} %",
         t.steady_rps, t.overall_rps, t.drain_s, t.max_in_flight, t.failures, t.reuse, t.rotated.0, t.rotated.1,
-        t.cpu[0], t.cpu[1], t.cpu[2]
+        t.cpu[0], t.cpu[1], t.cpu[2], t.cpu[3]
     );
     Ok(t)
 }
@@ -1452,7 +1683,7 @@ async fn lateness(b: &mut Bench, n: usize, ready_estimate_s: f64) -> Result<Late
         &Seeding {
             group: &main,
             gen: 0,
-            token_url: &fake.token_url(),
+            endpoint: &fake.base,
             expiry: &far_fn,
             health: false,
         },
@@ -1477,13 +1708,13 @@ async fn lateness(b: &mut Bench, n: usize, ready_estimate_s: f64) -> Result<Late
             &Seeding {
                 group: g,
                 gen: 0,
-                token_url: &fake.token_url(),
+                endpoint: &fake.base,
                 expiry: f,
                 health: false,
             },
         )
         .await?;
-        fake.seed(&b.http, g.fake_clients(0)).await?;
+        fake.seed(&b.http, g.fake_clients(0, false)).await?;
     }
 
     // Lock keys being set: the actual start of each refresh.
@@ -1509,7 +1740,10 @@ async fn lateness(b: &mut Bench, n: usize, ready_estimate_s: f64) -> Result<Late
         &b.dir.0,
         &format!("lateness-{n}"),
         &b.redis.url(0),
-        &[("TOKENWARDEN_SCHEDULE_JITTER_FRACTION", "0".into())],
+        &[
+            ("TOKENWARDEN_SCHEDULE_JITTER_FRACTION", "0".into()),
+            ("TOKENWARDEN_HEALTH_ENABLED", "false".into()),
+        ],
     )?;
     d.wait_ready(&b.http).await?;
     // Planned starts, as the daemon wrote them.
@@ -1665,6 +1899,17 @@ fn print_report(machine: &str, opts: &Options, baseline_mb: f64, rows: &[Row]) {
         &|r| format!("{:.0} ms", r.parse_ms),
     );
     add("  Redis round trips", &|r| r.lib_round_trips.to_string());
+    add(
+        "  server time of one more scan (INFO commandstats): command calls / ms, of the scan's total",
+        &|r| {
+            let parts: Vec<String> = r
+                .lib_server
+                .iter()
+                .map(|(c, calls, ms)| format!("{c} {calls} / {ms:.0} ms"))
+                .collect();
+            format!("{}; of {:.0} ms", parts.join(", "), r.lib_check_ms)
+        },
+    );
     add("Naive scan (KEYS + one HGETALL per record, parsed)", &|r| {
         format!("{:.0} ms, {} round trips", r.naive_ms, r.naive_round_trips)
     });
@@ -1721,14 +1966,28 @@ fn print_report(machine: &str, opts: &Options, baseline_mb: f64, rows: &[Row]) {
         format!("{:.1} MB", r.rss_after_scrape_mb)
     });
     add(
-        "**Idle CPU**, default (change scan every 5 s): daemon / redis-server",
-        &|r| format!("{:.2} % / {:.2} %", r.idle_cpu, r.idle_redis_cpu),
+        "**Idle CPU**, default (change scan every 5 s, health probes on): daemon / redis-server / endpoint",
+        &|r| {
+            format!(
+                "{:.2} % / {:.2} % / {:.2} %",
+                r.idle_cpu, r.idle_redis_cpu, r.idle_fake_cpu
+            )
+        },
     );
-    add("  Redis commands per second while idle", &|r| {
-        format!("{:.0}", r.idle_redis_cmds)
+    add("  health probes per second in that window", &|r| {
+        format!("{:.0}", r.probes_per_s)
     });
     add(
-        "Idle CPU with keyspace notifications: daemon / redis-server",
+        "Idle CPU, probes off (change scan alone): daemon / redis-server; Redis commands/s",
+        &|r| {
+            format!(
+                "{:.2} % / {:.2} %; {:.0}",
+                r.idle_cpu_scan, r.idle_redis_cpu_scan, r.idle_redis_cmds
+            )
+        },
+    );
+    add(
+        "Idle CPU, probes off, keyspace notifications instead of the change scan: daemon / redis-server",
         &|r| {
             format!(
                 "{:.2} % / {:.2} %",
@@ -1746,9 +2005,12 @@ fn print_report(machine: &str, opts: &Options, baseline_mb: f64, rows: &[Row]) {
             None => "-".into(),
         });
         add(
-            "  CPU while refreshing: daemon / redis-server / token endpoint (% of one core)",
+            "  CPU while refreshing, % of one core: daemon / redis-server / token endpoint (foreign)",
             &|r| match r.throughput.get(k) {
-                Some(t) => format!("{:.0} / {:.0} / {:.0}", t.cpu[0], t.cpu[1], t.cpu[2]),
+                Some(t) => format!(
+                    "{:.0} / {:.0} / {:.0} ({:.0})",
+                    t.cpu[0], t.cpu[1], t.cpu[2], t.cpu[3]
+                ),
                 None => "-".into(),
             },
         );
@@ -1765,6 +2027,39 @@ fn print_report(machine: &str, opts: &Options, baseline_mb: f64, rows: &[Row]) {
             },
         );
     }
+    add(
+        "  Redis commands per refresh at 64 after the first scan (server µs per refresh); change-scan commands apart",
+        &|r| match r.throughput.first() {
+            Some(t) => {
+                let scan = ["scan", "smembers", "hmget"];
+                let own: Vec<String> = t
+                    .per_refresh
+                    .iter()
+                    .filter(|(c, _, _)| !scan.contains(&c.as_str()))
+                    .filter(|(_, calls, _)| *calls >= 0.05)
+                    .map(|(c, calls, _)| format!("{c} {calls:.1}"))
+                    .collect();
+                let usec: f64 = t
+                    .per_refresh
+                    .iter()
+                    .filter(|(c, _, _)| !scan.contains(&c.as_str()))
+                    .map(|(_, _, u)| u)
+                    .sum();
+                let scans: f64 = t
+                    .per_refresh
+                    .iter()
+                    .filter(|(c, _, _)| scan.contains(&c.as_str()))
+                    .map(|(_, calls, _)| calls)
+                    .sum::<f64>()
+                    + 0.0;
+                format!(
+                    "{} ({usec:.0} µs); change scans {scans:.1}",
+                    own.join(", ")
+                )
+            }
+            None => "-".into(),
+        },
+    );
     add(
         "  start to /readyz 200 with N tokens due (64 / 256)",
         &|r| {
@@ -1850,6 +2145,15 @@ fn print_report(machine: &str, opts: &Options, baseline_mb: f64, rows: &[Row]) {
             .join(",")
     );
     println!("- machine: {machine}");
+    println!(
+        "- load average at the end: {}",
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
     println!("- date: {}", Utc::now().format("%Y-%m-%d %H:%M UTC"));
     println!(
         "- empty-registry daemon RSS: {baseline_mb:.1} MB; idle window {} s\n",
@@ -1900,8 +2204,18 @@ fn print_report(machine: &str, opts: &Options, baseline_mb: f64, rows: &[Row]) {
     );
     for r in rows {
         target(
-            &format!("idle CPU under 1 % at N = {} (default configuration)", r.n),
+            &format!(
+                "idle CPU under 1 % at N = {} (default configuration, health probes on)",
+                r.n
+            ),
             Some((r.idle_cpu < 1.0, format!("{:.2} %", r.idle_cpu))),
+        );
+        target(
+            &format!(
+                "idle CPU under 1 % at N = {} (probes off: change scan alone)",
+                r.n
+            ),
+            Some((r.idle_cpu_scan < 1.0, format!("{:.2} %", r.idle_cpu_scan))),
         );
     }
     if let Some(r) = largest {
