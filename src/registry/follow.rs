@@ -29,6 +29,8 @@ use crate::telemetry::metrics as m;
 
 /// Records read, applied and committed per step of a full read.
 const APPLY_SLICE: usize = 5_000;
+/// Tenants whose members are read together during a full read.
+const TENANT_SLICE: usize = 1_000;
 
 /// What [`apply`] decided, to be sent to Redis and the engine after the fleet lock is gone.
 #[derive(Debug, Default)]
@@ -309,12 +311,53 @@ async fn full_scan(
 ) -> Result<ReadStats, StoreError> {
     let started = Instant::now();
     let mut stats = ReadStats::default();
-    let mut conn = store::conn(&ctx.pool).await?;
-    let discovered = registry.discover(&mut conn, &mut stats).await?;
-    drop(conn);
-    let next = reconcile(known, discovered);
-    let ids = next.ids();
-    read_and_apply(ctx, registry, &ids, &mut stats).await?;
+    // SCAN runs on its own connection while the tenants it found are read: the full read
+    // takes about as long as the longer of the two, not their sum.
+    let (tx, mut pages) = mpsc::unbounded_channel::<Vec<String>>();
+    let mut scan_conn = store::conn(&ctx.pool).await?;
+    let scanner_registry = Registry::new(registry.batch());
+    let scanner = tokio::spawn(async move {
+        let mut stats = ReadStats::default();
+        let r = scanner_registry
+            .scan_tenants(&mut scan_conn, &mut stats, &tx)
+            .await;
+        r.map(|()| stats)
+    });
+    let mut seen: HashSet<String> = HashSet::new();
+    let mut next = Known::default();
+    let mut ids: Vec<ProviderId> = Vec::new();
+    let mut pending: Vec<String> = Vec::new();
+    loop {
+        let page = pages.recv().await;
+        let done = page.is_none();
+        for t in page.into_iter().flatten() {
+            if seen.insert(t.clone()) {
+                pending.push(t);
+            }
+        }
+        if pending.len() >= TENANT_SLICE || (done && !pending.is_empty()) {
+            let mut conn = store::conn(&ctx.pool).await?;
+            let discovered = registry
+                .read_members(&mut conn, &pending, &mut stats)
+                .await?;
+            drop(conn);
+            let part = reconcile(known, discovered);
+            let part_ids = part.ids();
+            read_and_apply(ctx, registry, &part_ids, &mut stats).await?;
+            ids.extend(part_ids);
+            next.0.extend(part.0);
+            next.1.extend(part.1);
+            pending.clear();
+        }
+        if done {
+            break;
+        }
+    }
+    match scanner.await {
+        Ok(Ok(s)) => stats.round_trips += s.round_trips,
+        Ok(Err(e)) => return Err(e),
+        Err(e) => return Err(StoreError::Pool(format!("registry scan task failed: {e}"))),
+    }
     let gone = gone_ids(known, &next);
     // Fleet entries not in the registry at all (e.g. after a Redis restart without data).
     let listed: HashSet<&ProviderId> = ids.iter().collect();

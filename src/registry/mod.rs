@@ -24,6 +24,9 @@ use crate::keys::{self, ProviderId};
 use crate::store::{Connection, StoreError};
 use record::{fingerprint, InvalidRecord, ProviderRecord, RecordState, LIGHT_FIELDS};
 
+/// Keys the server looks at per `SCAN` step (it filters them by pattern itself).
+pub const SCAN_COUNT: usize = 10_000;
+
 /// Round trips in flight at once during a registry read.
 pub const PIPELINE_DEPTH: usize = 4;
 
@@ -56,13 +59,36 @@ impl Registry {
         }
     }
 
+    /// Commands per pipelined round trip.
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+
     /// Every tenant (SCAN) and its provider names (pipelined SMEMBERS).
     pub async fn discover(
         &self,
         conn: &mut Connection,
         stats: &mut ReadStats,
     ) -> Result<Discovery, StoreError> {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        self.scan_tenants(conn, stats, &tx).await?;
+        drop(tx);
         let mut tenants = BTreeSet::new();
+        while let Some(page) = rx.recv().await {
+            tenants.extend(page);
+        }
+        let tenants: Vec<String> = tenants.into_iter().collect();
+        self.read_members(conn, &tenants, stats).await
+    }
+
+    /// `SCAN MATCH tenant:*:providers`, sending the tenant ids of each page as it arrives (a
+    /// tenant may come twice: SCAN guarantees every key at least once).
+    pub async fn scan_tenants(
+        &self,
+        conn: &mut Connection,
+        stats: &mut ReadStats,
+        pages: &tokio::sync::mpsc::UnboundedSender<Vec<String>>,
+    ) -> Result<(), StoreError> {
         let mut cursor: u64 = 0;
         loop {
             let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
@@ -70,22 +96,22 @@ impl Registry {
                 .arg("MATCH")
                 .arg(keys::PROVIDERS_PATTERN)
                 .arg("COUNT")
-                .arg(self.batch * 4)
+                .arg(SCAN_COUNT)
                 .query_async(conn)
                 .await?;
             stats.round_trips += 1;
-            for key in keys {
-                if let Some(t) = keys::tenant_of_providers_key(&key) {
-                    tenants.insert(t.to_string());
-                }
+            let page: Vec<String> = keys
+                .iter()
+                .filter_map(|k| keys::tenant_of_providers_key(k).map(str::to_string))
+                .collect();
+            if !page.is_empty() && pages.send(page).is_err() {
+                return Ok(());
             }
             if next == 0 {
-                break;
+                return Ok(());
             }
             cursor = next;
         }
-        let tenants: Vec<String> = tenants.into_iter().collect();
-        self.read_members(conn, &tenants, stats).await
     }
 
     /// Pipelined SMEMBERS of the given tenants' provider sets. A tenant whose set has gone is
