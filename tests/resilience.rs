@@ -1592,3 +1592,35 @@ async fn sighup_reloads_the_config_file_and_refuses_a_broken_one() {
     assert_no_secrets("daemon logs", &logs, &secrets_of(&mut conn, &[s]));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+// -----------------------------------------------------------------------------------------
+// 10. JSON logs
+
+#[tokio::test]
+async fn json_logs_carry_the_refresh_span_and_no_secret() {
+    let redis = RedisServer::start();
+    let fake = FakeProvider::start(3600);
+    let mut conn = redis.conn();
+    let s = seed_oauth(&mut conn, &fake, "jsonlogs", "goto", &iso_in(0), json!({})).await;
+    let daemon = Daemon::start(&redis, &fast_env(&[("TOKENWARDEN_LOG_FORMAT", "json")]));
+    daemon.wait_ready(Duration::from_secs(10)).await;
+    wait_for_log(&daemon, "token refreshed", Duration::from_secs(10)).await;
+    let logs = daemon.logs();
+    let mut refreshed = None;
+    for line in logs.lines().filter(|l| l.contains('{')) {
+        // The harness prefixes each captured line; the JSON object starts at the first '{'.
+        let json_part = &line[line.find('{').unwrap_or(0)..];
+        let v: Value = serde_json::from_str(json_part)
+            .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+        if v["fields"]["message"] == json!("token refreshed") {
+            refreshed = Some(v);
+        }
+    }
+    let v = refreshed.expect("a JSON line for the refresh");
+    assert_eq!(v["span"]["name"], json!("refresh"), "{v}");
+    assert_eq!(v["span"]["tenant"], json!("jsonlogs"), "{v}");
+    assert_eq!(v["span"]["provider"], json!("goto"), "{v}");
+    assert_eq!(v["level"], json!("INFO"), "{v}");
+    let secrets = secrets_of(&mut conn, &[s]);
+    assert_no_secrets("daemon logs", &logs, &secrets);
+}
