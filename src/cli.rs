@@ -78,7 +78,20 @@ fn load(arg: &ConfigArg) -> Result<(Config, Option<PathBuf>), ExitCode> {
     }
 }
 
+/// Caps glibc's malloc at two arenas (it makes up to eight per core, one per thread that
+/// allocates). With the default, memory freed after a full registry read or a burst of
+/// refreshes stays scattered over many arenas: the fleet benchmark measured 169 MB resident
+/// at 100,000 providers (225 MB after refreshing them all) against 123 MB (158 MB) with two.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator parameter; it runs before any thread is started.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
 fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    limit_malloc_arenas();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

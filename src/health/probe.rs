@@ -1,6 +1,6 @@
 //! Health probes: is each provider's API answering its current access token?
 //!
-//! Every `health.probe_interval_secs`, each active provider that is not waiting for a
+//! Every `health.probe_interval_secs` (spread evenly over the interval), each active provider that is not waiting for a
 //! re-authorisation and has a probe URL (the record's `health_path`, else the catalog's
 //! `health_path` or `health_url`) gets one `GET` with `Authorization: Bearer <access_token>`,
 //! at most `health.max_concurrent` at a time. The result goes to the fleet (`provider_up`),
@@ -66,12 +66,18 @@ pub async fn probe_all(ctx: &Context, cancel: &CancellationToken) -> Result<usiz
         .filter(|(_, t)| t.verdict == Verdict::Active && t.reauth.is_none())
         .map(|(id, t)| (id.clone(), t.version))
         .collect();
+    // Spread over most of the interval, so that a large fleet is probed at an even pace
+    // (N / interval per second) rather than in bursts.
+    let steps = ids.len().div_ceil(STEP).max(1) as u32;
+    let pace = Duration::from_secs(ctx.config().health.probe_interval_secs).mul_f64(0.9) / steps;
     let mut probed = 0;
     for step in ids.chunks(STEP) {
-        if cancel.is_cancelled() {
-            break;
-        }
+        let started = Instant::now();
         probed += probe_step(ctx, step).await?;
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = tokio::time::sleep(pace.saturating_sub(started.elapsed())) => {}
+        }
     }
     Ok(probed)
 }
@@ -83,7 +89,7 @@ async fn probe_step(ctx: &Context, step: &[(ProviderId, u64)]) -> Result<usize, 
     let registry = Registry::new(cfg.registry.scan_batch);
     let mut conn = store::conn(&ctx.pool).await?;
     let states = registry
-        .read_records(&mut conn, ids, &mut ReadStats::default())
+        .read_records_with_token(&mut conn, ids, &mut ReadStats::default())
         .await?;
     drop(conn);
     let targets: Vec<(ProviderId, String, String)> = ids

@@ -136,21 +136,43 @@ impl Registry {
         Ok(tenants.iter().cloned().zip(members).collect())
     }
 
-    /// Pipelined HGETALL of the given records, parsed.
+    /// Pipelined `HMGET` of [`RECORD_FIELDS`] of the given records, parsed. The access token
+    /// is left out: see [`Registry::read_records_with_token`].
     pub async fn read_records(
         &self,
         conn: &mut Connection,
         ids: &[ProviderId],
         stats: &mut ReadStats,
     ) -> Result<Vec<RecordState>, StoreError> {
+        self.read_fields(conn, ids, stats, &RECORD_FIELDS).await
+    }
+
+    /// As [`Registry::read_records`], with the access token (for health probes).
+    pub async fn read_records_with_token(
+        &self,
+        conn: &mut Connection,
+        ids: &[ProviderId],
+        stats: &mut ReadStats,
+    ) -> Result<Vec<RecordState>, StoreError> {
+        self.read_fields(conn, ids, stats, &RECORD_FIELDS_AND_TOKEN)
+            .await
+    }
+
+    async fn read_fields(
+        &self,
+        conn: &mut Connection,
+        ids: &[ProviderId],
+        stats: &mut ReadStats,
+        fields: &'static [&'static str],
+    ) -> Result<Vec<RecordState>, StoreError> {
         self.pipelined(
             conn,
             ids,
             stats,
             |pipe, id| {
-                pipe.cmd("HGETALL").arg(id.record_key());
+                pipe.cmd("HMGET").arg(id.record_key()).arg(fields);
             },
-            parse_record_value,
+            move |v| parse_fields_value(v, fields),
         )
         .await
     }
@@ -199,7 +221,7 @@ impl Registry {
         items: &[T],
         stats: &mut ReadStats,
         command: impl Fn(&mut redis::Pipeline, &T),
-        parse: fn(Value) -> O,
+        parse: impl Fn(Value) -> O + Copy + Send + 'static,
     ) -> Result<Vec<O>, StoreError> {
         let pipes: Vec<redis::Pipeline> = items
             .chunks(self.batch)
@@ -255,16 +277,86 @@ fn members_of(v: Value) -> Members {
     )
 }
 
-/// Turns an HGETALL answer (RESP2 flat array or RESP3 map) into a parsed record.
-pub fn parse_record_value(v: Value) -> RecordState {
-    let wrong = |reason: &'static str, detail: &str| RecordState::Invalid {
+/// The record fields a registry read takes: every field tokenwarden uses but
+/// `access_token`, which is large (JWT-sized) and needed only by health probes; a refresh
+/// reads the whole record under its lock.
+pub const RECORD_FIELDS: [&str; 17] = [
+    "provider_type",
+    "status",
+    "auth_type",
+    "client_id",
+    "client_secret",
+    "account_key",
+    "refresh_token",
+    "token_expiry",
+    "scopes",
+    "api_base_url",
+    "features_enabled",
+    "sync_enabled",
+    "updated_at",
+    "token_url",
+    "token_auth_method",
+    "grant_type",
+    "health_path",
+];
+
+const RECORD_FIELDS_AND_TOKEN: [&str; 18] = [
+    "provider_type",
+    "status",
+    "auth_type",
+    "client_id",
+    "client_secret",
+    "account_key",
+    "refresh_token",
+    "token_expiry",
+    "scopes",
+    "api_base_url",
+    "features_enabled",
+    "sync_enabled",
+    "updated_at",
+    "token_url",
+    "token_auth_method",
+    "grant_type",
+    "health_path",
+    "access_token",
+];
+
+/// Turns an `HMGET` answer for `fields` into a parsed record (all missing: no record).
+pub fn parse_fields_value(v: Value, fields: &[&str]) -> RecordState {
+    let items = match v {
+        Value::Array(items) => items,
+        Value::ServerError(e) if e.code() == "WRONGTYPE" => {
+            return wrong("wrong_type", "the record key is not a hash")
+        }
+        _ => return wrong("wrong_type", "the record key is not a hash"),
+    };
+    let mut pairs = Vec::with_capacity(fields.len());
+    for (name, value) in fields.iter().zip(items) {
+        match value {
+            Value::Nil => {}
+            other => match bulk_string(other) {
+                Some(s) => pairs.push((name.to_string(), s)),
+                None => return wrong("bad_encoding", "a field or value is not UTF-8 text"),
+            },
+        }
+    }
+    ProviderRecord::parse(&pairs)
+}
+
+/// An invalid record that has no fields to fingerprint.
+fn wrong(reason: &'static str, detail: &str) -> RecordState {
+    RecordState::Invalid {
         error: InvalidRecord::new(reason, detail),
         fingerprint: if reason == "wrong_type" {
             wrong_type_fingerprint()
         } else {
             fingerprint([Some(reason)])
         },
-    };
+    }
+}
+
+/// Turns an HGETALL answer (RESP2 flat array or RESP3 map) into a parsed record.
+pub fn parse_record_value(v: Value) -> RecordState {
     let pairs: Vec<(Value, Value)> = match v {
         Value::Array(items) => {
             if items.len() % 2 != 0 {
