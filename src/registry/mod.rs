@@ -234,7 +234,7 @@ impl Registry {
                 pipe
             })
             .collect();
-        let base: MultiplexedConnection = (**conn).clone();
+        let base: MultiplexedConnection = conn.clone();
         let batches = pipes.into_iter().map(move |pipe| {
             let mut c = base.clone();
             async move {
