@@ -1418,7 +1418,7 @@ async fn measure(b: &mut Bench, n: usize, baseline_mb: f64) -> Result<Row> {
         raw1.push(ms(t));
         let (t, rts, values) = raw_pipelined(&b.conn, &record_keys, 4).await?;
         raw4.push(ms(t));
-        let (t, _, _) = raw_pipelined_with(&b.conn, &record_keys, 4, Some(&RECORD_FIELDS)).await?;
+        let (t, _, _) = raw_pipelined_with(&b.conn, &record_keys, 4, Some(RECORD_FIELDS)).await?;
         raw_hmget.push(ms(t));
         row.raw_round_trips = rts;
         let started = Instant::now();

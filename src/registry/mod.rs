@@ -144,7 +144,7 @@ impl Registry {
         ids: &[ProviderId],
         stats: &mut ReadStats,
     ) -> Result<Vec<RecordState>, StoreError> {
-        self.read_fields(conn, ids, stats, &RECORD_FIELDS).await
+        self.read_fields(conn, ids, stats, RECORD_FIELDS).await
     }
 
     /// As [`Registry::read_records`], with the access token (for health probes).
@@ -277,29 +277,7 @@ fn members_of(v: Value) -> Members {
     )
 }
 
-/// The record fields a registry read takes: every field tokenwarden uses but
-/// `access_token`, which is large (JWT-sized) and needed only by health probes; a refresh
-/// reads the whole record under its lock.
-pub const RECORD_FIELDS: [&str; 17] = [
-    "provider_type",
-    "status",
-    "auth_type",
-    "client_id",
-    "client_secret",
-    "account_key",
-    "refresh_token",
-    "token_expiry",
-    "scopes",
-    "api_base_url",
-    "features_enabled",
-    "sync_enabled",
-    "updated_at",
-    "token_url",
-    "token_auth_method",
-    "grant_type",
-    "health_path",
-];
-
+/// Every record field tokenwarden reads, `access_token` last.
 const RECORD_FIELDS_AND_TOKEN: [&str; 18] = [
     "provider_type",
     "status",
@@ -320,6 +298,14 @@ const RECORD_FIELDS_AND_TOKEN: [&str; 18] = [
     "health_path",
     "access_token",
 ];
+
+/// The record fields a registry read takes: every field tokenwarden uses but
+/// `access_token`, which is large (JWT-sized) and needed only by health probes; a refresh
+/// reads the whole record under its lock.
+pub const RECORD_FIELDS: &[&str] = match RECORD_FIELDS_AND_TOKEN.split_last() {
+    Some((_, fields)) => fields,
+    None => &[],
+};
 
 /// Turns an `HMGET` answer for `fields` into a parsed record (all missing: no record).
 pub fn parse_fields_value(v: Value, fields: &[&str]) -> RecordState {
