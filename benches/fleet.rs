@@ -2232,7 +2232,7 @@ fn print_report(machine: &str, opts: &Options, baseline_mb: f64, rows: &[Row]) {
         );
     }
     add(
-        "  Redis commands per refresh at 64 after the first scan (server µs per refresh); change-scan commands apart",
+        "  Redis commands per refresh at 64 after the first scan (server µs per refresh); registry reads (SCAN, SMEMBERS, HMGET) apart",
         &|r| match r.throughput.first() {
             Some(t) => {
                 let scan = ["scan", "smembers", "hmget"];
@@ -2249,17 +2249,19 @@ fn print_report(machine: &str, opts: &Options, baseline_mb: f64, rows: &[Row]) {
                     .filter(|(c, _, _)| !scan.contains(&c.as_str()))
                     .map(|(_, _, u)| u)
                     .sum();
-                let scans: f64 = t
+                let scans: Vec<String> = t
                     .per_refresh
                     .iter()
                     .filter(|(c, _, _)| scan.contains(&c.as_str()))
-                    .map(|(_, calls, _)| calls)
-                    .sum::<f64>()
-                    + 0.0;
-                format!(
-                    "{} ({usec:.0} µs); change scans {scans:.1}",
-                    own.join(", ")
-                )
+                    .filter(|(_, calls, _)| *calls >= 0.05)
+                    .map(|(c, calls, _)| format!("{c} {calls:.1}"))
+                    .collect();
+                let scans = if scans.is_empty() {
+                    "none".to_string()
+                } else {
+                    scans.join(", ")
+                };
+                format!("{} ({usec:.0} µs); registry reads {scans}", own.join(", "))
             }
             None => "-".into(),
         },
