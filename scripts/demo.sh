@@ -6,8 +6,10 @@
 #
 # Installs redis-server with apt-get when it is missing, builds the release binaries, starts a
 # private redis-server and the fake OAuth provider (access tokens live 20 s), seeds the tenant
-# `cloudwarriors` the way the gateway writes it, runs `tokenwarden run`, and every few seconds
-# prints `tokenwarden status` and the GoTo record's refresh token as it rotates.
+# `cloudwarriors` the way the gateway writes it, runs `tokenwarden run`, syncs the tenant's
+# directory from two providers (GoTo and Teams) with `tokenwarden sync` and shows the unified
+# directory, and every few seconds prints `tokenwarden status` and the GoTo record's refresh
+# token as it rotates.
 # Everything it starts is stopped, and its temp dir removed, on exit.
 set -euo pipefail
 
@@ -38,10 +40,11 @@ if [ "${#PKGS[@]}" -gt 0 ]; then
 fi
 command -v cargo >/dev/null 2>&1 || { echo "demo: cargo not found (install Rust first)" >&2; exit 1; }
 
-say "building release binaries (cargo build --release)"
+say "building release binaries (cargo build --release; the fake provider is an example)"
 cargo build --release --quiet
+cargo build --release --quiet --example tokenwarden-fake-provider
 TW="$ROOT/target/release/tokenwarden"
-FAKE="$ROOT/target/release/tokenwarden-fake-provider"
+FAKE="$ROOT/target/release/examples/tokenwarden-fake-provider"
 
 # ---------------------------------------------------------------- helpers
 free_port() {
@@ -114,7 +117,7 @@ iso_naive() { date -u -d "@$1" '+%Y-%m-%dT%H:%M:%S.%6N'; }  # Python's datetime.
 created="$(iso_naive $((now - 86400)))"
 
 "${RCLI[@]}" HSET "tenant:$TENANT:config" \
-  name "Cloud Warriors" primary_provider goto sync_strategy primary data_retention_days 90 \
+  name "Cloud Warriors" primary_provider goto sync_strategy all data_retention_days 90 \
   timezone America/New_York created_at "$created" updated_at "$created" >/dev/null
 
 # seed_provider NAME TYPE STATUS CLIENT_ID ACCOUNT_KEY TOKEN_EXPIRY HEALTH_PATH SCOPES FEATURES FAULTS
@@ -126,7 +129,7 @@ seed_provider() {
     provider_type "$type" status "$status" auth_type oauth \
     client_id "$cid" client_secret "$secret" account_key "$account" \
     access_token "$at" refresh_token "$rt" token_expiry "$expiry" \
-    scopes "$scopes" api_base_url "$IDP/api" health_path "$health" \
+    scopes "$scopes" api_base_url "$IDP/api/$type" health_path "$health" \
     features_enabled "$features" sync_enabled True \
     created_at "$created" updated_at "$created" \
     token_url "$IDP/token" >/dev/null
@@ -146,7 +149,20 @@ seed_provider ringcentral ringcentral inactive cw-ringcentral 400131212008 "$(is
 seed_provider zoom zoom active revoked-cw-zoom zAcc0unt1d "$((now + 5))" /v2/users/me \
   '["user:read:admin"]' '["users"]' ',"revoked":true'
 
-say "seeded tenant $TENANT: goto (ISO expiry), teams (epoch expiry), ringcentral (inactive), zoom (revoked)"
+# Directories at the fake APIs (3 records a page): GoTo extensions (users are the
+# DIRECT_EXTENSION ones) and Teams users (Graph), the same three people in both.
+post /dir/seed '{"provider":"goto","path":"/extensions","items":[
+  {"id":"g1","number":"1001","name":"Ada Lovelace","type":"DIRECT_EXTENSION","email":"ada@cloudwarriors.ai"},
+  {"id":"g2","number":"1002","name":"Alan Turing","type":"DIRECT_EXTENSION","email":"alan@cloudwarriors.ai"},
+  {"id":"g3","number":"1003","name":"Grace Hopper","type":"DIRECT_EXTENSION","email":"grace@cloudwarriors.ai"},
+  {"id":"g9","number":"5000","name":"Sales queue","type":"CALL_QUEUE"}]}'
+post /dir/seed '{"provider":"teams","path":"/users","items":[
+  {"id":"t-ada","displayName":"Ada L.","mail":"Ada@CloudWarriors.ai","businessPhones":["+1 212 555 0101"]},
+  {"id":"t-alan","displayName":"Alan T.","mail":"alan@cloudwarriors.ai","businessPhones":["+1 212 555 0102"]},
+  {"id":"t-grace","displayName":"Grace H.","mail":"grace@cloudwarriors.ai"},
+  {"id":"t-linus","displayName":"Linus","mail":"linus@cloudwarriors.ai"}]}'
+
+say "seeded tenant $TENANT: goto (ISO expiry), teams (epoch expiry), ringcentral (inactive), zoom (revoked); directories for goto and teams"
 "${RCLI[@]}" SMEMBERS "tenant:$TENANT:providers" | sort | tr '\n' ' '; echo
 
 # ---------------------------------------------------------------- tokenwarden
@@ -170,6 +186,13 @@ if [ "$DEMO_SECONDS" -gt 0 ]; then
 else
   echo "Ctrl-C to stop"
 fi
+
+# ---------------------------------------------------------------- sync
+say "tokenwarden sync --tenant $TENANT (strategy all: goto and teams; ringcentral inactive, zoom revoked)"
+"$TW" sync --wait --tenant "$TENANT" || true
+echo "stored: goto users $("${RCLI[@]}" HLEN "tenant:$TENANT:sync:goto:users"), teams users $("${RCLI[@]}" HLEN "tenant:$TENANT:sync:teams:users")"
+say "the unified directory tenant:$TENANT:directory:users (one entry per person, ids at each provider)"
+"${RCLI[@]}" HVALS "tenant:$TENANT:directory:users" | sort
 
 # ---------------------------------------------------------------- watch
 GOTO="tenant:$TENANT:provider:goto"

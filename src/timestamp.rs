@@ -277,8 +277,18 @@ pub fn format(at: DateTime<Utc>, format: TimestampFormat) -> String {
                 .naive_utc()
                 .checked_add_signed(TimeDelta::seconds(i64::from(offset)))
             {
-                Some(local) => format!("{}{}", iso_naive(local, sep), iso_offset(offset)),
-                None => format!("{}{}", iso_naive(at.naive_utc(), sep), iso_offset(0)),
+                Some(local) => {
+                    let mut out = String::with_capacity(40);
+                    push_iso_naive(&mut out, local, sep);
+                    push_iso_offset(&mut out, offset);
+                    out
+                }
+                None => {
+                    let mut out = String::with_capacity(40);
+                    push_iso_naive(&mut out, at.naive_utc(), sep);
+                    push_iso_offset(&mut out, 0);
+                    out
+                }
             }
         }
         TimestampFormat::EpochSeconds => at.timestamp().to_string(),
@@ -299,39 +309,68 @@ pub fn iso_utc(at: DateTime<Utc>) -> String {
     )
 }
 
-/// `datetime.isoformat()` of a naive datetime.
+/// `datetime.isoformat()` of a naive datetime. Written digit by digit: health writes format
+/// several timestamps per provider, a hundred thousand of them at start.
 fn iso_naive(t: NaiveDateTime, sep: char) -> String {
-    let year = t.year();
-    let year = if (0..=9999).contains(&year) {
-        format!("{year:04}")
-    } else {
-        year.to_string()
-    };
-    // A leap second (nanos >= 10^9) is written as the last microsecond of its minute.
-    let micros = (t.nanosecond() / 1000).min(999_999);
-    let mut out = format!(
-        "{year}-{:02}-{:02}{sep}{:02}:{:02}:{:02}",
-        t.month(),
-        t.day(),
-        t.hour(),
-        t.minute(),
-        t.second()
-    );
-    if micros != 0 {
-        out.push_str(&format!(".{micros:06}"));
-    }
+    let mut out = String::with_capacity(40);
+    push_iso_naive(&mut out, t, sep);
     out
 }
 
+fn push_iso_naive(out: &mut String, t: NaiveDateTime, sep: char) {
+    let year = t.year();
+    if (0..=9999).contains(&year) {
+        push_digits(out, year.unsigned_abs(), 4);
+    } else {
+        out.push_str(&year.to_string());
+    }
+    out.push('-');
+    push_digits(out, t.month(), 2);
+    out.push('-');
+    push_digits(out, t.day(), 2);
+    out.push(sep);
+    push_digits(out, t.hour(), 2);
+    out.push(':');
+    push_digits(out, t.minute(), 2);
+    out.push(':');
+    push_digits(out, t.second(), 2);
+    // A leap second (nanos >= 10^9) is written as the last microsecond of its minute.
+    let micros = (t.nanosecond() / 1000).min(999_999);
+    if micros != 0 {
+        out.push('.');
+        push_digits(out, micros, 6);
+    }
+}
+
+/// `value` in decimal, zero-padded to `width` digits (wider values are written in full).
+fn push_digits(out: &mut String, value: u32, width: usize) {
+    let mut buf = [b'0'; 10];
+    let mut v = value;
+    let mut len = 0;
+    while v > 0 || len == 0 {
+        buf[buf.len() - 1 - len] = b'0' + (v % 10) as u8;
+        v /= 10;
+        len += 1;
+    }
+    for _ in len..width {
+        out.push('0');
+    }
+    for &b in &buf[buf.len() - len..] {
+        out.push(char::from(b));
+    }
+}
+
 /// Python's offset form: `+HH:MM`, with `:SS` only when there are seconds.
-fn iso_offset(offset_secs: i32) -> String {
-    let sign = if offset_secs < 0 { '-' } else { '+' };
+fn push_iso_offset(out: &mut String, offset_secs: i32) {
+    out.push(if offset_secs < 0 { '-' } else { '+' });
     let abs = offset_secs.unsigned_abs();
     let (h, m, s) = (abs / 3600, abs % 3600 / 60, abs % 60);
-    if s == 0 {
-        format!("{sign}{h:02}:{m:02}")
-    } else {
-        format!("{sign}{h:02}:{m:02}:{s:02}")
+    push_digits(out, h, 2);
+    out.push(':');
+    push_digits(out, m, 2);
+    if s != 0 {
+        out.push(':');
+        push_digits(out, s, 2);
     }
 }
 
@@ -379,6 +418,42 @@ mod tests {
 
     fn t0() -> DateTime<Utc> {
         utc(2026, 11, 28, 3, 20, 0)
+    }
+
+    #[test]
+    fn digit_by_digit_formatting_matches_chrono() {
+        let mut rng = fastrand::Rng::with_seed(11);
+        for _ in 0..20_000 {
+            let secs = rng.i64(-62_135_596_800..253_402_300_799);
+            let micros = if rng.bool() { 0 } else { rng.u32(0..1_000_000) };
+            let at = DateTime::from_timestamp(secs, micros * 1000).unwrap();
+            let expected = if micros == 0 {
+                at.format("%Y-%m-%dT%H:%M:%S+00:00").to_string()
+            } else {
+                at.format("%Y-%m-%dT%H:%M:%S%.6f+00:00").to_string()
+            };
+            assert_eq!(iso_utc(at), expected);
+            let offset = rng.i32(-86_399..86_400);
+            let shown = format(
+                at,
+                TimestampFormat::IsoOffset {
+                    sep: ' ',
+                    offset_secs: offset,
+                },
+            );
+            let (h, m, s) = (
+                offset.unsigned_abs() / 3600,
+                offset.unsigned_abs() % 3600 / 60,
+                offset.unsigned_abs() % 60,
+            );
+            let sign = if offset < 0 { '-' } else { '+' };
+            let tail = if s == 0 {
+                format!("{sign}{h:02}:{m:02}")
+            } else {
+                format!("{sign}{h:02}:{m:02}:{s:02}")
+            };
+            assert!(shown.ends_with(&tail), "{shown} for offset {offset}");
+        }
     }
 
     const T: TimestampFormat = TimestampFormat::IsoNaive { sep: 'T' };

@@ -14,9 +14,10 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, FixedOffset, NaiveDateTime, TimeDelta, Utc};
 use serde_json::{json, Value};
+use support::metrics::{metric, parse_labels};
 use support::{
     health_key, hget, hgetall, oauth_record, provider_key, seed_provider, seed_tenant_config,
-    wait_until, wait_until_async, Daemon, FakeProvider, RedisServer,
+    wait_until, wait_until_async, Daemon, FakeProvider, RedisServer, Secrets,
 };
 
 const TENANT: &str = "cloudwarriors";
@@ -46,75 +47,6 @@ async fn start_daemon(redis: &RedisServer) -> Daemon {
 /// A value unique to this run, recognisable in a failure message by its prefix.
 fn unique(prefix: &str) -> String {
     format!("{prefix}-{:016x}", fastrand::u64(..))
-}
-
-/// Every secret value a test has seen: none may appear in the daemon's output.
-#[derive(Default)]
-struct Secrets(HashSet<String>);
-
-impl Secrets {
-    fn add(&mut self, value: &str) {
-        // Short values (empty fields, "0") are not secrets worth searching for.
-        if value.len() >= 8 {
-            self.0.insert(value.to_string());
-        }
-    }
-
-    /// Client id, secret and refresh token for a new client, remembered.
-    fn creds(&mut self, name: &str) -> (String, String, String) {
-        let id = unique(&format!("cid-{name}"));
-        let secret = unique(&format!("cs-{name}"));
-        let rt = unique(&format!("rt-seed-{name}"));
-        self.add(&secret);
-        self.add(&rt);
-        (id, secret, rt)
-    }
-
-    fn add_record(&mut self, record: &HashMap<String, String>) {
-        for field in ["client_secret", "access_token", "refresh_token"] {
-            if let Some(v) = record.get(field) {
-                self.add(v);
-            }
-        }
-    }
-
-    /// The record's current tokens and the fake's live refresh tokens.
-    async fn collect(
-        &mut self,
-        conn: &mut redis::Connection,
-        keys: &[String],
-        fake: &FakeProvider,
-    ) {
-        for key in keys {
-            if key_type(conn, key) == "hash" {
-                self.add_record(&hgetall(conn, key));
-            }
-        }
-        let stats = fake.stats().await;
-        if let Some(clients) = stats["clients"].as_object() {
-            for client in clients.values() {
-                if let Some(rt) = client["live_refresh_token"].as_str() {
-                    self.add(rt);
-                }
-            }
-        }
-    }
-
-    fn assert_not_logged(&self, daemon: &Daemon) {
-        let logs = daemon.logs();
-        assert!(
-            !logs.trim().is_empty(),
-            "the daemon wrote no output at all: the secret check would prove nothing"
-        );
-        assert!(!self.0.is_empty(), "no secrets were collected");
-        for secret in &self.0 {
-            let shown: String = secret.chars().take(12).collect();
-            assert!(
-                !logs.contains(secret.as_str()),
-                "the daemon's output contains a secret value ({shown}...)"
-            );
-        }
-    }
 }
 
 async fn seed_client(fake: &FakeProvider, id: &str, secret: &str, rt: &str, extra: Value) {
@@ -255,70 +187,6 @@ async fn wait_metric(daemon: &Daemon, name: &str, labels: &[(&str, &str)], want:
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-/// `k="v",k2="v2"` -> pairs (values unescaped).
-fn parse_labels(s: &str) -> HashMap<String, String> {
-    let mut out = HashMap::new();
-    let mut rest = s;
-    while let Some(eq) = rest.find('=') {
-        let key = rest[..eq].trim().trim_start_matches(',').trim().to_string();
-        let after = &rest[eq + 1..];
-        let Some(after) = after.strip_prefix('"') else {
-            break;
-        };
-        let mut value = String::new();
-        let mut chars = after.char_indices();
-        let mut end = after.len();
-        while let Some((i, c)) = chars.next() {
-            match c {
-                '\\' => {
-                    if let Some((_, n)) = chars.next() {
-                        value.push(if n == 'n' { '\n' } else { n });
-                    }
-                }
-                '"' => {
-                    end = i + 1;
-                    break;
-                }
-                c => value.push(c),
-            }
-        }
-        out.insert(key, value);
-        rest = &after[end..];
-    }
-    out
-}
-
-/// Sum of the series of `name` whose labels include `labels`; `None` if there is none.
-fn metric(body: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    let mut total = None;
-    for line in body.lines() {
-        if line.starts_with('#') || line.trim().is_empty() {
-            continue;
-        }
-        let Some((series, value)) = line.rsplit_once(' ') else {
-            continue;
-        };
-        let (series_name, series_labels) = match series.split_once('{') {
-            Some((n, l)) => (n, parse_labels(l.trim_end_matches('}'))),
-            None => (series, HashMap::new()),
-        };
-        if series_name != name {
-            continue;
-        }
-        if labels
-            .iter()
-            .all(|(k, v)| series_labels.get(*k).map(String::as_str) == Some(*v))
-        {
-            let v: f64 = value
-                .trim()
-                .parse()
-                .unwrap_or_else(|e| panic!("bad metric value in {line:?}: {e}"));
-            total = Some(total.unwrap_or(0.0) + v);
-        }
-    }
-    total
 }
 
 // -----------------------------------------------------------------------------------------

@@ -5,8 +5,14 @@
 //! event go to Redis in one round trip. Only fields this replica knows are written, so one
 //! replica's registry view never blanks another's refresh history. [`probe`] checks each
 //! provider's API.
+//!
+//! Every write or delete of a health hash goes through one script ([`GUARDED`]) that leaves
+//! the key alone when it holds a gateway record (a provider named `goto:health` has the key
+//! `goto`'s health hash would have, SPEC 1.3) or is not a hash: tokenwarden never writes or
+//! deletes a gateway record; `goto`'s health is then in metrics and logs only.
 
 pub mod probe;
+pub mod writer;
 
 use chrono::{DateTime, Utc};
 use redis::Pipeline;
@@ -68,23 +74,38 @@ impl HealthUpdate {
         self
     }
 
+    /// Commands [`HealthUpdate::add_to`] adds to a pipeline.
+    pub fn command_count(&self) -> usize {
+        usize::from(!self.fields.is_empty() || !self.if_absent.is_empty())
+    }
+
     pub fn add_to(&self, pipe: &mut Pipeline, id: &ProviderId) {
-        let key = id.health_key();
-        for (f, v) in &self.if_absent {
-            pipe.cmd("HSETNX").arg(&key).arg(*f).arg(v).ignore();
+        if self.add_with(pipe, id, Guard::Eval) {
+            pipe.ignore();
         }
-        if self.fields.is_empty() {
-            return;
+    }
+
+    /// As [`HealthUpdate::add_to`], the script called as `guard` says and its answer kept;
+    /// `false` when there was nothing to write (no command added).
+    pub fn add_with(&self, pipe: &mut Pipeline, id: &ProviderId, guard: Guard) -> bool {
+        if self.fields.is_empty() && self.if_absent.is_empty() {
+            return false;
         }
-        let cmd = pipe.cmd("HSET").arg(&key);
-        for (f, v) in &self.fields {
+        let cmd = guard
+            .call(pipe)
+            .arg(1)
+            .arg(id.health_key())
+            .arg("set")
+            .arg(self.if_absent.len());
+        for (f, v) in self.if_absent.iter().chain(&self.fields) {
             cmd.arg(*f).arg(v);
         }
-        pipe.ignore();
+        true
     }
 }
 
-/// Appends an event to `tokenwarden:events`, capped at about `maxlen` entries.
+/// Appends an event to `tokenwarden:events`, capped at about `maxlen` entries. Its answer
+/// is kept: a caller that does not read it follows with `pipe.ignore()`.
 pub fn add_event(
     pipe: &mut Pipeline,
     maxlen: usize,
@@ -108,11 +129,77 @@ pub fn add_event(
         .arg("result")
         .arg(result)
         .arg("detail")
-        .arg(detail)
-        .ignore();
+        .arg(detail);
 }
 
 /// Deletes the health hash of a provider that left the registry.
 pub fn add_delete(pipe: &mut Pipeline, id: &ProviderId) {
-    pipe.cmd("DEL").arg(id.health_key()).ignore();
+    add_delete_with(pipe, id, Guard::Eval);
+    pipe.ignore();
 }
+
+/// As [`add_delete`], the script called as `guard` says and its answer kept.
+pub fn add_delete_with(pipe: &mut Pipeline, id: &ProviderId, guard: Guard) {
+    guard
+        .call(pipe)
+        .arg(1)
+        .arg(id.health_key())
+        .arg("del")
+        .arg(0);
+}
+
+/// How a pipeline calls [`GUARDED`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Guard {
+    /// `EVAL` with the script's text: always works, and Redis hashes the text at every call.
+    Eval,
+    /// `EVALSHA`: for a pipeline on one node that starts with [`add_script_load`], so the
+    /// script is there whatever happened to the server's script cache.
+    EvalSha,
+}
+
+impl Guard {
+    fn call(self, pipe: &mut Pipeline) -> &mut Pipeline {
+        match self {
+            Guard::Eval => pipe.cmd("EVAL").arg(GUARDED),
+            Guard::EvalSha => pipe.cmd("EVALSHA").arg(guarded_sha()),
+        }
+    }
+}
+
+/// The SHA1 of [`GUARDED`], as `SCRIPT LOAD` answers it.
+pub fn guarded_sha() -> &'static str {
+    static SHA: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    SHA.get_or_init(|| sha1_smol::Sha1::from(GUARDED).digest().to_string())
+}
+
+/// `SCRIPT LOAD` of [`GUARDED`]: one command, whose answer is the script's SHA1.
+pub fn add_script_load(pipe: &mut Pipeline) {
+    pipe.cmd("SCRIPT").arg("LOAD").arg(GUARDED);
+}
+
+/// The one way a health hash is written or deleted. KEYS[1] the health key; ARGV[1] `set` or
+/// `del`; ARGV[2] how many field/value pairs follow that are set only where absent; then
+/// those pairs, then the pairs to set. Returns 1 done, 0 nothing to delete, -1 the key holds
+/// a gateway record, -2 the key is not a hash (both left alone).
+pub const GUARDED: &str = r#"
+local t = redis.call('TYPE', KEYS[1])['ok']
+if t == 'none' then
+  if ARGV[1] == 'del' then return 0 end
+elseif t ~= 'hash' then
+  return -2
+else
+  local g = redis.call('HMGET', KEYS[1], 'provider_type', 'client_id', 'client_secret', 'refresh_token', 'auth_type')
+  for _, v in ipairs(g) do
+    if v then return -1 end
+  end
+end
+if ARGV[1] == 'del' then return redis.call('DEL', KEYS[1]) end
+local i = 3
+for _ = 1, tonumber(ARGV[2]) do
+  redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1])
+  i = i + 2
+end
+if i <= #ARGV then redis.call('HSET', KEYS[1], unpack(ARGV, i)) end
+return 1
+"#;

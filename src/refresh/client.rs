@@ -1,31 +1,39 @@
 //! The token client: one interface for every grant, over one shared `reqwest::Client`.
 //!
-//! Grants the `oauth2` crate models (`refresh_token`, `client_credentials`) go through it,
-//! with [`CapturingHttp`] as its async HTTP client so that the caller sees what
-//! `request_async` alone hides: the status, `Retry-After` and a capped body. Grants `oauth2`
-//! cannot express (`account_credentials`) are posted with plain `reqwest` through the same
-//! [`CapturingHttp`], and parsed with the same token and error types. Every answer becomes a
-//! [`TokenGrant`] or a classified [`TokenError`]: the retry decision lives in
-//! [`TokenError::is_permanent`].
+//! [`TokenClient::request`] builds the form from the grant ([`super::grant`]), adds the
+//! client authentication ([`super::auth`]) and posts it through [`CapturingHttp`], which
+//! records what the answer was: the status, `Retry-After` and a capped body. Answers are
+//! parsed with `oauth2`'s token and error types; every answer becomes a [`TokenGrant`] or a
+//! classified [`TokenError`]: the retry decision lives in [`TokenError::is_permanent`].
+//!
+//! Provider text never carries a secret onwards: every error is scrubbed
+//! ([`TokenError::scrub`]) of every secret the request knows ([`TokenRequest::secrets`]: the
+//! client secret, both tokens, a token URL's password), also in their form-urlencoded and
+//! HTTP Basic (base64) spellings, before it is stored, logged or printed.
+//!
+//! Userinfo in a token URL (`https://id:secret@host/token`, percent-encoded as URLs are) is
+//! taken as the client credentials for that endpoint: it is removed from the URL before any
+//! request or log, and sent with HTTP Basic (RFC 6749 2.3.1), in place of the record's
+//! `client_id`/`client_secret` and `token_auth_method` ([`split_userinfo`]).
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use base64::Engine as _;
 use chrono::Utc;
-use oauth2::basic::{
-    BasicErrorResponse, BasicRevocationErrorResponse, BasicTokenIntrospectionResponse,
-    BasicTokenType,
-};
+use oauth2::basic::{BasicErrorResponse, BasicTokenType};
 use oauth2::{
-    AsyncHttpClient, AuthType, ClientId, ClientSecret, EndpointNotSet, EndpointSet,
-    ExtraTokenFields, HttpRequest, HttpResponse, RefreshToken, RequestTokenError, Scope,
-    StandardRevocableToken, StandardTokenResponse, TokenResponse, TokenUrl,
+    AsyncHttpClient, ExtraTokenFields, HttpRequest, HttpResponse, RequestTokenError,
+    StandardTokenResponse, TokenResponse,
 };
 use serde::{Deserialize, Serialize};
 
-use crate::catalog::{AuthMethod, Grant, TokenEndpoint};
+use super::auth::{self, Outgoing};
+use super::grant;
+use crate::catalog::{AuthMethod, TokenEndpoint};
+use crate::registry::record::Credentials;
 use crate::retry::parse_retry_after;
 use crate::secret::Secret;
 
@@ -39,29 +47,80 @@ pub struct Extra {
 impl ExtraTokenFields for Extra {}
 
 type TokenAnswer = StandardTokenResponse<Extra, BasicTokenType>;
-type OAuthClient = oauth2::Client<
-    BasicErrorResponse,
-    TokenAnswer,
-    BasicTokenIntrospectionResponse,
-    StandardRevocableToken,
-    BasicRevocationErrorResponse,
-    EndpointNotSet,
-    EndpointNotSet,
-    EndpointNotSet,
-    EndpointNotSet,
-    EndpointSet,
->;
-
 /// What a token call needs. Credentials stay in [`Secret`]s.
 #[derive(Debug, Clone, Copy)]
 pub struct TokenRequest<'a> {
+    /// The provider name, for `provider_api_calls_total`.
+    pub provider: &'a str,
     pub endpoint: &'a TokenEndpoint,
     pub client_id: &'a str,
     pub client_secret: &'a Secret,
     pub refresh_token: &'a Secret,
+    /// The record's current access token: never sent, only scrubbed from provider text.
+    pub access_token: &'a Secret,
     pub account_key: &'a str,
-    /// The record's scopes, sent with app grants when the catalog names none.
+    /// The record's scopes (the catalog's `{scopes}`).
     pub scopes: &'a [String],
+    /// The other grants' credentials (JWT, personal access token, certificate key).
+    pub credentials: &'a Credentials,
+}
+
+impl TokenRequest<'_> {
+    /// Every secret of this request, as scrubbed from provider text. (No grant in the
+    /// catalog sends a client assertion; one that does adds it here.)
+    pub fn secrets(&self) -> Vec<String> {
+        let mut out = vec![
+            self.client_secret.expose().to_string(),
+            self.refresh_token.expose().to_string(),
+            self.access_token.expose().to_string(),
+        ];
+        if let Some((_, Some((_, password)))) = split_userinfo(&self.endpoint.token_url) {
+            out.push(password.expose().to_string());
+        }
+        let basic = |id: &str, secret: &str| {
+            let enc = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+            base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", enc(id), enc(secret)))
+        };
+        out.push(basic(self.client_id, self.client_secret.expose()));
+        out
+    }
+}
+
+/// A token URL without its userinfo, and the userinfo (percent-decoded) when it had one.
+/// `None` when it is not a URL.
+pub fn split_userinfo(token_url: &str) -> Option<(String, Option<(String, Secret)>)> {
+    let mut url = reqwest::Url::parse(token_url).ok()?;
+    if url.username().is_empty() && url.password().is_none() {
+        return Some((token_url.to_string(), None));
+    }
+    let user = percent_decode(url.username());
+    let password = Secret::new(percent_decode(url.password().unwrap_or("")));
+    url.set_username("").ok()?;
+    url.set_password(None).ok()?;
+    Some((url.to_string(), Some((user, password))))
+}
+
+/// `%XX` decoding of a URL component (invalid sequences are kept as written).
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        if b[i] == b'%' {
+            if let (Some(h), Some(l)) = (
+                b.get(i + 1).copied().and_then(hex),
+                b.get(i + 2).copied().and_then(hex),
+            ) {
+                out.push(u8::try_from(h * 16 + l).unwrap_or(b'?'));
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// A successful token answer.
@@ -74,6 +133,8 @@ pub struct TokenGrant {
     pub refresh_token_expires_in: Option<Duration>,
     /// Round trip of the token call.
     pub elapsed: Duration,
+    /// The HTTP status of the answer.
+    pub status: u16,
 }
 
 /// Why a transient failure happened (the `result` detail and log word).
@@ -138,6 +199,109 @@ impl TokenError {
     pub fn is_permanent(&self) -> bool {
         matches!(self, TokenError::Permanent { .. })
     }
+
+    /// Cuts the provider text to `max` characters (after [`TokenError::scrub`]).
+    pub fn shorten(&mut self, max: usize) {
+        let cut = |text: &mut String| {
+            if let Some((at, _)) = text.char_indices().nth(max) {
+                text.truncate(at);
+            }
+        };
+        match self {
+            TokenError::Permanent { code, detail, .. } => {
+                cut(code);
+                cut(detail);
+            }
+            TokenError::Transient { detail, .. } => cut(detail),
+        }
+    }
+
+    /// Replaces every occurrence of the given secrets (those of 8 characters or more), and
+    /// of their form-urlencoded spelling, in the provider's text with `[redacted]`.
+    pub fn scrub<S: AsRef<str>>(&mut self, secrets: &[S]) {
+        let mut all: Vec<String> = Vec::new();
+        for s in secrets.iter().map(AsRef::as_ref).filter(|s| s.len() >= 8) {
+            all.push(s.to_string());
+            let encoded: String = form_urlencoded::byte_serialize(s.as_bytes()).collect();
+            if encoded != s {
+                all.push(encoded);
+            }
+        }
+        // Longest first: a secret that contains another is removed whole.
+        all.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        let clean = |text: &mut String| {
+            for s in &all {
+                if text.contains(s.as_str()) {
+                    *text = text.replace(s.as_str(), "[redacted]");
+                }
+            }
+        };
+        match self {
+            TokenError::Permanent { code, detail, .. } => {
+                clean(code);
+                clean(detail);
+            }
+            TokenError::Transient { detail, .. } => clean(detail),
+        }
+    }
+}
+
+/// A number of seconds from a token answer: an integer, a float, or a string of digits
+/// (Azure v1). Zero, negative or unreadable: `None`.
+fn seconds_of(v: Option<&serde_json::Value>) -> Option<Duration> {
+    let v = v?;
+    let secs = match v {
+        serde_json::Value::Number(n) => match n.as_u64() {
+            Some(u) => return (u > 0).then(|| Duration::from_secs(u)),
+            None => n.as_f64()?,
+        },
+        serde_json::Value::String(s) => {
+            let t = s.trim();
+            if let Ok(u) = t.parse::<u64>() {
+                return (u > 0).then(|| Duration::from_secs(u));
+            }
+            t.parse::<f64>().ok()?
+        }
+        _ => return None,
+    };
+    if !secs.is_finite() || secs < 1.0 {
+        return None;
+    }
+    Some(Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX))
+}
+
+/// A successful (2xx) answer read leniently.
+fn grant_from_body(body: &[u8], elapsed: Duration) -> Result<TokenGrant, TokenError> {
+    let bad = |detail: &str| TokenError::Transient {
+        kind: TransientKind::BadResponse,
+        status: Some(200),
+        retry_after: None,
+        detail: detail.to_string(),
+        // The provider answered: it may have rotated the refresh token.
+        maybe_in_flight: true,
+    };
+    let v: serde_json::Value =
+        serde_json::from_slice(body).map_err(|_| bad("token answer is not JSON"))?;
+    let obj = v
+        .as_object()
+        .ok_or_else(|| bad("token answer is not a JSON object"))?;
+    let access = obj
+        .get("access_token")
+        .and_then(serde_json::Value::as_str)
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| bad("token answer has no access_token"))?;
+    Ok(TokenGrant {
+        access_token: Secret::new(access),
+        refresh_token: obj
+            .get("refresh_token")
+            .and_then(serde_json::Value::as_str)
+            .filter(|r| !r.is_empty())
+            .map(Secret::new),
+        expires_in: seconds_of(obj.get("expires_in")),
+        refresh_token_expires_in: seconds_of(obj.get("refresh_token_expires_in")),
+        elapsed,
+        status: 200,
+    })
 }
 
 /// RFC 6749 error codes that need a human.
@@ -286,95 +450,108 @@ impl TokenClient {
         &self.http
     }
 
-    /// Performs one token call for `req.endpoint.grant`.
+    /// Performs one token call: the grant's form ([`super::grant`]) with the client's
+    /// authentication ([`super::auth`]), posted through [`CapturingHttp`].
     pub async fn request(&self, req: TokenRequest<'_>) -> Result<TokenGrant, TokenError> {
+        let secrets = req.secrets();
+        let (url, userinfo) =
+            split_userinfo(&req.endpoint.token_url).ok_or_else(|| TokenError::Transient {
+                kind: TransientKind::BadResponse,
+                status: None,
+                retry_after: None,
+                detail: "token_url is not a URL".into(),
+                maybe_in_flight: false,
+            })?;
+        // Userinfo in the URL: the client credentials, sent with HTTP Basic; the URL that is
+        // requested (and could be logged by the HTTP stack) has none.
+        let endpoint;
+        let client_id;
+        let client_secret;
+        let req = match &userinfo {
+            None => req,
+            Some((user, password)) => {
+                endpoint = TokenEndpoint {
+                    token_url: url,
+                    auth: AuthMethod::Basic,
+                    ..req.endpoint.clone()
+                };
+                client_id = user.clone();
+                client_secret = password.clone();
+                TokenRequest {
+                    endpoint: &endpoint,
+                    client_id: &client_id,
+                    client_secret: &client_secret,
+                    ..req
+                }
+            }
+        };
         let capture = CapturingHttp::new(&self.http, self.max_body);
         let started = Instant::now();
-        let result = match req.endpoint.grant {
-            Grant::RefreshToken | Grant::ClientCredentials => {
-                self.oauth2_grant(&capture, &req).await
+        let mut out = Outgoing {
+            form: grant::fields(&req),
+            ..Outgoing::default()
+        };
+        let mut secrets = secrets;
+        secrets.extend(req.secrets());
+        secrets.push(req.credentials.jwt_assertion.expose().to_string());
+        secrets.push(req.credentials.personal_access_token.expose().to_string());
+        let result = match auth::of(req.endpoint.auth).apply(&req, &mut out) {
+            Ok(()) => {
+                secrets.extend(out.made_secrets.iter().map(|s| s.expose().to_string()));
+                self.post(&capture, &req, &out).await
             }
-            Grant::AccountCredentials => self.form_grant(&capture, &req).await,
+            Err(e) => {
+                return Err(TokenError::Permanent {
+                    code: e.code.to_string(),
+                    status: 0,
+                    detail: e.detail,
+                })
+            }
         };
         let elapsed = started.elapsed();
         let seen = capture.seen();
-        match result {
+        let outcome = match result {
+            // The body is read leniently (expires_in as a string of digits or a float, huge
+            // values): a 200 answer carries a refresh token that must not be lost to a
+            // stricter parser.
+            _ if seen.status.is_some_and(|s| (200..300).contains(&s)) => {
+                grant_from_body(&seen.body, elapsed).map(|mut g| {
+                    g.status = seen.status.unwrap_or(200);
+                    g
+                })
+            }
             Ok(answer) => grant_of(answer, elapsed),
             Err(e) => Err(classify(e, &seen)),
-        }
+        };
+        // Provider text never carries a secret onwards (an IdP may echo the refresh token).
+        outcome.map_err(|mut e| {
+            let refs: Vec<&str> = secrets.iter().map(String::as_str).collect();
+            e.scrub(&refs);
+            e.shorten(DETAIL_MAX_CHARS);
+            e
+        })
     }
 
-    async fn oauth2_grant(
+    /// Posts the form with the same capture, parsed with the same token and error types.
+    async fn post(
         &self,
         capture: &CapturingHttp<'_>,
         req: &TokenRequest<'_>,
+        out: &Outgoing,
     ) -> Result<TokenAnswer, RequestTokenError<HttpError, BasicErrorResponse>> {
-        let token_url = TokenUrl::new(req.endpoint.token_url.clone())
-            .map_err(|_| RequestTokenError::Other("token_url is not a URL".into()))?;
-        let client: OAuthClient = oauth2::Client::new(ClientId::new(req.client_id.to_string()))
-            .set_client_secret(ClientSecret::new(req.client_secret.expose().to_string()))
-            .set_auth_type(match req.endpoint.auth {
-                AuthMethod::Basic => AuthType::BasicAuth,
-                AuthMethod::Body => AuthType::RequestBody,
-            })
-            .set_token_uri(token_url);
-        match req.endpoint.grant {
-            Grant::RefreshToken => {
-                let rt = RefreshToken::new(req.refresh_token.expose().to_string());
-                client
-                    .exchange_refresh_token(&rt)
-                    .request_async(capture)
-                    .await
-            }
-            _ => {
-                let mut r = client.exchange_client_credentials();
-                for s in app_scopes(req) {
-                    r = r.add_scope(Scope::new(s));
-                }
-                r.request_async(capture).await
-            }
-        }
-    }
-
-    /// Grants `oauth2` cannot express, posted as a form with the same capture.
-    async fn form_grant(
-        &self,
-        capture: &CapturingHttp<'_>,
-        req: &TokenRequest<'_>,
-    ) -> Result<TokenAnswer, RequestTokenError<HttpError, BasicErrorResponse>> {
-        let mut form: Vec<(&str, String)> =
-            vec![("grant_type", req.endpoint.grant.as_str().into())];
-        if req.endpoint.grant == Grant::AccountCredentials {
-            form.push(("account_id", req.account_key.to_string()));
-        }
-        let scopes = app_scopes(req);
-        if !scopes.is_empty() {
-            form.push(("scope", scopes.join(" ")));
-        }
         let mut builder = self
             .http
             .post(&req.endpoint.token_url)
-            .header(http::header::ACCEPT, "application/json");
-        match req.endpoint.auth {
-            AuthMethod::Basic => {
-                // RFC 6749 2.3.1: both parts form-urlencoded before Basic encoding.
-                let enc =
-                    |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
-                builder =
-                    builder.basic_auth(enc(req.client_id), Some(enc(req.client_secret.expose())));
-            }
-            AuthMethod::Body => {
-                form.push(("client_id", req.client_id.to_string()));
-                form.push(("client_secret", req.client_secret.expose().to_string()));
-            }
-        }
-        let body = serde_urlencoded_form(&form);
-        let request = builder
+            .header(http::header::ACCEPT, "application/json")
             .header(
                 http::header::CONTENT_TYPE,
                 "application/x-www-form-urlencoded",
-            )
-            .body(body)
+            );
+        if let Some(a) = &out.authorization {
+            builder = builder.header(http::header::AUTHORIZATION, a.expose());
+        }
+        let request = builder
+            .body(out.form.encode())
             .build()
             .map_err(|e| RequestTokenError::Other(e.without_url().to_string()))?;
         let request: HttpRequest = http_request_of(request).map_err(RequestTokenError::Other)?;
@@ -391,12 +568,10 @@ impl TokenClient {
                 ))
             })
         } else {
-            match serde_json::from_slice::<BasicErrorResponse>(body) {
+            let mut de = serde_json::Deserializer::from_slice(body);
+            match serde_path_to_error::deserialize::<_, BasicErrorResponse>(&mut de) {
                 Ok(err) => Err(RequestTokenError::ServerResponse(err)),
-                Err(_) => Err(RequestTokenError::Other(format!(
-                    "HTTP {}",
-                    response.status().as_u16()
-                ))),
+                Err(e) => Err(RequestTokenError::Parse(e, body.clone())),
             }
         }
     }
@@ -415,21 +590,6 @@ impl ClassifyName for serde_json::Error {
             serde_json::error::Category::Eof => "truncated",
         }
     }
-}
-
-fn app_scopes(req: &TokenRequest<'_>) -> Vec<String> {
-    match &req.endpoint.scope {
-        Some(s) => s.split_whitespace().map(str::to_string).collect(),
-        None => req.scopes.to_vec(),
-    }
-}
-
-fn serde_urlencoded_form(pairs: &[(&str, String)]) -> String {
-    let mut s = form_urlencoded::Serializer::new(String::new());
-    for (k, v) in pairs {
-        s.append_pair(k, v);
-    }
-    s.finish()
 }
 
 fn http_request_of(r: reqwest::Request) -> Result<HttpRequest, String> {
@@ -472,6 +632,7 @@ fn grant_of(answer: TokenAnswer, elapsed: Duration) -> Result<TokenGrant, TokenE
             .filter(|s| *s > 0)
             .map(Duration::from_secs),
         elapsed,
+        status: 200,
     })
 }
 
@@ -483,12 +644,15 @@ fn permanent_reason(code: &str, description: &str) -> String {
     code.to_string()
 }
 
-/// A short, secret-free detail from an error answer: the code's description, cut.
+/// The description of an error answer on one line. Not cut yet: a secret must be scrubbed
+/// whole before the text is shortened ([`TokenError::shorten`]), or its first part would
+/// survive the cut.
 fn safe_description(description: Option<&str>) -> String {
-    let d = description.unwrap_or("");
-    let cut: String = d.chars().take(160).collect();
-    cut.replace(['\n', '\r'], " ")
+    description.unwrap_or("").replace(['\n', '\r'], " ")
 }
+
+/// The longest provider text kept in an error (characters).
+pub const DETAIL_MAX_CHARS: usize = 160;
 
 fn transient(
     kind: TransientKind,
@@ -573,4 +737,99 @@ struct GenericError {
     error_description: Option<String>,
     #[serde(default)]
     reason: Option<String>,
+}
+
+#[cfg(test)]
+mod userinfo_and_scrub_tests {
+    use super::*;
+
+    #[test]
+    fn userinfo_leaves_the_url_and_is_decoded() {
+        let (url, info) =
+            split_userinfo("https://my%20id:p%40ss%2Fw0rd@idp.example/oauth/token?x=1")
+                .unwrap_or_default();
+        assert_eq!(url, "https://idp.example/oauth/token?x=1");
+        let (user, password) = info.unwrap_or_default();
+        assert_eq!(user, "my id");
+        assert_eq!(password.expose(), "p@ss/w0rd");
+        let plain = "https://idp.example/token";
+        assert_eq!(split_userinfo(plain), Some((plain.to_string(), None)));
+        assert_eq!(split_userinfo("not a url"), None);
+    }
+
+    #[test]
+    fn scrub_removes_every_spelling_of_every_secret() {
+        let endpoint = TokenEndpoint {
+            token_url: "https://cid:url-password-123@idp.example/token".into(),
+            auth: AuthMethod::Body,
+            grant: crate::catalog::Grant::RefreshToken,
+            scope: String::new(),
+            default_expires_in: Duration::from_secs(3600),
+            rotates: true,
+            fallback: None,
+            budget: None,
+            max_refresh_interval: None,
+        };
+        let credentials = Credentials::default();
+        let (cs, rt, at) = (
+            Secret::new("client/secret+value"),
+            Secret::new("refresh-token-value"),
+            Secret::new("access-token-value"),
+        );
+        let req = TokenRequest {
+            provider: "goto",
+            endpoint: &endpoint,
+            client_id: "cid",
+            client_secret: &cs,
+            refresh_token: &rt,
+            access_token: &at,
+            account_key: "",
+            scopes: &[],
+            credentials: &credentials,
+        };
+        let basic = base64::engine::general_purpose::STANDARD.encode("cid:client%2Fsecret%2Bvalue");
+        let text = format!(
+            "got refresh_token=refresh-token-value&client_secret=client%2Fsecret%2Bvalue \
+             (client/secret+value) bearer access-token-value url-password-123 Basic {basic}"
+        );
+        let mut e = TokenError::Permanent {
+            code: "invalid_grant".into(),
+            status: 400,
+            detail: text,
+        };
+        e.scrub(&req.secrets());
+        let TokenError::Permanent { detail, .. } = &e else {
+            panic!("kind changed");
+        };
+        for leaked in [
+            "refresh-token-value",
+            "client/secret+value",
+            "client%2Fsecret%2Bvalue",
+            "access-token-value",
+            "url-password-123",
+            basic.as_str(),
+        ] {
+            assert!(!detail.contains(leaked), "{leaked} in {detail}");
+        }
+        assert!(detail.contains("[redacted]"), "{detail}");
+    }
+
+    #[test]
+    fn a_secret_across_the_cut_is_scrubbed_whole() {
+        let secret = "0123456789abcdefghijklmnop";
+        let mut e = TokenError::Transient {
+            kind: TransientKind::BadResponse,
+            status: Some(400),
+            retry_after: None,
+            detail: format!("{}{secret} and more", "x".repeat(DETAIL_MAX_CHARS - 10)),
+            maybe_in_flight: false,
+        };
+        e.scrub(&[secret]);
+        e.shorten(DETAIL_MAX_CHARS);
+        let TokenError::Transient { detail, .. } = &e else {
+            panic!("kind changed");
+        };
+        assert!(!detail.contains("0123456789"), "{detail}");
+        assert_eq!(detail.chars().count(), DETAIL_MAX_CHARS);
+    }
 }

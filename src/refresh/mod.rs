@@ -1,38 +1,64 @@
 //! Refresh: one attempt to renew one provider's token, from lock to write-back.
 //!
-//! An attempt takes the provider's lock, re-reads the record under it, makes one token call
-//! ([`client`]), writes the new tokens back with a compare-and-set ([`writeback`]), records
-//! the outcome in the fleet, the health hash and the event stream, releases the lock, and
-//! says when the next attempt is due. Outcomes are typed:
-//! - success: written back, next refresh from the new lifetime;
-//! - permanent (`invalid_grant`, ...): the record is re-read still holding the lock; if its
-//!   refresh token changed meanwhile someone else refreshed and all is well, otherwise
-//!   `reauth_required` and no further attempt until the record changes;
-//! - transient (429, 5xx, timeouts, connection errors): retried with backoff, never
-//!   discarding a refresh token; a call that may still be in flight leaves the lock to expire.
+//! An attempt makes calls and returns a typed [`Finished`]; it never touches the fleet or the
+//! health hash (the engine applies the outcome through [`crate::engine::transition`]). In
+//! order, each step awaited before the next:
+//! 1. one pipeline: take the lock (`SET NX PX` in [`lock`]'s script), read the record (with the access token the
+//!    attempt starts from) and the reservation; a lock held elsewhere is `Locked` (a lock key
+//!    without expiry gets one, a wrong-typed one is `LockStuck`), a live reservation of another
+//!    replica for this refresh token is `Reserved`;
+//! 2. [`transition::precheck`]: still due, still refreshable;
+//! 3. set the reservation ([`reserve`]) when the grant can rotate the refresh token;
+//! 4. the token call ([`client`]), renewing the lock and the reservation while it runs; a
+//!    failure before the request was sent is retried soon, a call that was sent is awaited
+//!    up to `refresh.response_timeout_secs` (the provider may have used the token);
+//! 5. an answer with a new refresh token goes to the journal ([`crate::journal`]) before
+//!    anything else, then the compare-and-set write-back ([`writeback`]);
+//! 6. confirmed: reservation deleted and lock released in one pipeline, journal entry
+//!    confirmed. Not confirmed (Redis down, frozen, timed out): the answer is handed to the
+//!    [`replay::Replayer`], which keeps trying until Redis says yes; the lock is left to
+//!    expire, the reservation stands.
+//!
+//! Permanent errors re-read the refresh token under the lock first: if it changed, someone
+//! else refreshed and this is a `Conflict`, not `reauth_required`.
+//!
+//! In observe mode ([`transition::may_call`]) an attempt returns `Skipped(Observing)` before
+//! step 1: no lock, no call, no write. [`repair`] restores the newer tokens after a stale
+//! whole-record write.
 
+pub mod auth;
+pub mod budget;
 pub mod client;
+pub mod failover;
+pub mod grant;
+pub mod repair;
+pub mod replay;
+pub mod reserve;
 pub mod writeback;
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use redis::Value;
 use tracing::Instrument;
 
-use crate::config::Config;
-use crate::context::{Command, Context};
-use crate::fleet::{Tracked, Verdict};
-use crate::health::{self, HealthUpdate};
+use crate::catalog::Grant;
+use crate::context::Context;
+use crate::engine::transition::{self, Attempt, Env, Policies, Refreshed};
+use crate::fleet::Tracked;
+use crate::journal::{Entry, EntryId};
 use crate::keys::ProviderId;
-use crate::lock::{self, LockGuard};
-use crate::registry::follow;
+use crate::lock::{self, Acquire, LockGuard};
 use crate::registry::record::{ProviderRecord, RecordState};
-use crate::registry::Registry;
-use crate::schedule::policy::Lifetime;
+use crate::registry::{parse_fields_value, Registry, RECORD_FIELDS_AND_TOKEN};
+use crate::secret::Secret;
 use crate::store::{self, Connection, StoreError};
-use crate::telemetry::metrics::{self as m, result};
+use crate::telemetry::metrics as m;
 use crate::timestamp::{self, TimestampFormat};
 use client::{TokenError, TokenGrant, TokenRequest};
+use replay::Held;
+use reserve::Reservation;
 use writeback::{WriteBack, WriteResult};
 
 /// Why an attempt runs.
@@ -44,236 +70,61 @@ pub enum Trigger {
     Forced,
 }
 
-/// What an attempt did.
+/// What the engine knew when it started the attempt.
 #[derive(Debug, Clone)]
-pub struct Report {
-    /// A `token_refresh_total{result}` value.
-    pub result: &'static str,
-    /// When the next attempt is due (`None`: not scheduled, e.g. reauth required).
-    pub next: Option<DateTime<Utc>>,
-    /// One line for the operator; never a secret.
-    pub detail: String,
+pub struct Plan {
+    pub id: ProviderId,
+    pub known: Option<Tracked>,
+    pub trigger: Trigger,
 }
 
-impl Report {
-    fn new(result: &'static str, next: Option<DateTime<Utc>>, detail: impl Into<String>) -> Report {
-        Report {
-            result,
-            next,
-            detail: detail.into(),
-        }
+/// An attempt's result.
+#[derive(Debug, Clone)]
+pub struct Finished {
+    /// The record as read under the lock, when it differs from what the engine knew.
+    pub seen: Option<RecordState>,
+    pub outcome: Attempt,
+}
+
+impl Finished {
+    fn new(seen: Option<RecordState>, outcome: Attempt) -> Finished {
+        Finished { seen, outcome }
     }
 }
 
-/// Runs one attempt on `id` inside a span named after it.
-pub async fn attempt(ctx: &Context, id: &ProviderId, trigger: Trigger) -> Report {
+/// Runs one attempt on `plan.id` inside a span named after it.
+pub async fn attempt(ctx: &Context, plan: &Plan) -> Finished {
+    let id = &plan.id;
     let span = tracing::info_span!("refresh", tenant = %id.tenant, provider = %id.provider);
-    async {
-        let report = match attempt_inner(ctx, id, trigger).await {
-            Ok(r) => r,
-            Err(e) => redis_failed(ctx, id, &e),
-        };
-        metrics::counter!(m::TOKEN_REFRESH_TOTAL, "provider" => id.provider.to_string(), "result" => report.result)
-            .increment(1);
-        report
-    }
-    .instrument(span)
-    .await
+    let pol = Arc::new(Policies::from_config(&ctx.config()));
+    attempt_with(ctx, plan, &pol).instrument(span).await
 }
 
-fn redis_failed(ctx: &Context, id: &ProviderId, e: &StoreError) -> Report {
-    let cfg = ctx.config();
-    let mut fleet = ctx.fleet.write();
-    let failures = fleet
-        .providers
-        .get(id)
-        .map_or(1, |t| t.consecutive_failures.saturating_add(1));
-    let delay = cfg
-        .retry_policy()
-        .delay(failures, None, &mut fastrand::Rng::new());
-    let next = Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
-    let version = fleet.bump();
-    if let Some(t) = fleet.providers.get_mut(id) {
-        t.next_refresh = Some(next);
-        t.version = version;
+/// As [`attempt`], with the policies given (the engine keeps them).
+pub async fn attempt_with(ctx: &Context, plan: &Plan, pol: &Policies) -> Finished {
+    if let Err(reason) = transition::may_call(pol) {
+        // Observe mode: not even the lock is taken.
+        return Finished::new(None, Attempt::Skipped(reason));
     }
-    drop(fleet);
-    if ctx.status.set_redis_up(false) {
-        tracing::error!(error = %e, "redis unreachable: refreshes wait, state is kept in memory");
+    if ctx.replayer.holds(&plan.id) {
+        // An answer for this provider waits for its write-back: its refresh token is used.
+        return Finished::new(None, Attempt::Reserved);
     }
-    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "refresh postponed: redis error");
-    Report::new(result::REDIS_ERROR, Some(next), format!("redis error: {e}"))
-}
-
-async fn attempt_inner(
-    ctx: &Context,
-    id: &ProviderId,
-    trigger: Trigger,
-) -> Result<Report, StoreError> {
-    let cfg = ctx.config();
-    let mut conn = store::conn(&ctx.pool).await?;
-    let ttl = Duration::from_secs(cfg.refresh.lock_ttl_secs);
-    let Some(guard) = lock::acquire(&mut conn, id, &ctx.replica, ttl).await? else {
-        let next = Utc::now() + chrono::Duration::seconds(cfg.refresh.lock_busy_retry_secs as i64);
-        tracing::debug!("lock held by another replica; looking again later");
-        return Ok(Report::new(
-            result::LOCKED,
-            Some(next),
-            "lock held by another replica",
-        ));
-    };
-    let outcome = locked(ctx, &mut conn, id, trigger, &guard).await;
-    match outcome {
-        Ok((report, keep_lock)) => {
-            if keep_lock {
-                guard.abandon();
-            } else if let Err(e) = guard.release(&mut conn).await {
-                tracing::warn!(error = %e, "lock release failed; it will expire");
-            }
-            Ok(report)
-        }
-        Err(e) => {
-            // Nothing is in flight at the provider when Redis fails around the call; the
-            // lock may still be released if Redis answers again.
-            let _ = guard.release(&mut conn).await;
-            Err(e)
-        }
+    // Taken before the connection: a master change after this makes the write-back check.
+    let generation = store::master_generation(&ctx.pool);
+    match store::conn(&ctx.pool).await {
+        Ok(mut conn) => locked(ctx, &mut conn, plan, pol, generation).await,
+        Err(e) => redis_failed(&e),
     }
 }
 
-/// The part of an attempt done holding the lock. Returns the report and whether the lock
-/// must be left to expire.
-async fn locked(
-    ctx: &Context,
-    conn: &mut Connection,
-    id: &ProviderId,
-    trigger: Trigger,
-    guard: &LockGuard,
-) -> Result<(Report, bool), StoreError> {
-    let cfg = ctx.config();
-    let read_version = ctx.fleet.write().bump();
-    let state = Registry::read_record(conn, id).await?;
-    let now = Utc::now();
-    let known = ctx.fleet.read().providers.get(id).cloned();
-    let record = match &state {
-        RecordState::Valid(r) => r.clone(),
-        _ => {
-            reapply(ctx, id, &state, read_version).await?;
-            return Ok((
-                Report::new(result::SKIPPED, None, "record is not refreshable now"),
-                false,
-            ));
-        }
-    };
-    let changed = known
-        .as_ref()
-        .is_none_or(|t| t.fingerprint != record.fingerprint);
-    if changed {
-        // Someone (another replica, the gateway) changed the record since we planned this.
-        reapply(ctx, id, &state, read_version).await?;
-        let next = ctx
-            .fleet
-            .read()
-            .providers
-            .get(id)
-            .and_then(|t| t.next_refresh);
-        let due_now = next.is_none_or(|n| n <= now + chrono::Duration::seconds(1));
-        if trigger == Trigger::Scheduled && !due_now {
-            tracing::debug!("record changed since scheduled; not due any more");
-            return Ok((
-                Report::new(result::SKIPPED, next, "already refreshed elsewhere"),
-                false,
-            ));
-        }
-    } else if trigger == Trigger::Scheduled && known.as_ref().is_some_and(|t| t.reauth.is_some()) {
-        return Ok((Report::new(result::SKIPPED, None, "reauth required"), false));
-    }
-    let endpoint = match record.endpoint(&cfg.catalog) {
-        Ok(e) => e,
-        Err(_) => {
-            reapply(ctx, id, &state, read_version).await?;
-            return Ok((Report::new(result::SKIPPED, None, "invalid record"), false));
-        }
-    };
-    let request = TokenRequest {
-        endpoint: &endpoint,
-        client_id: &record.client_id,
-        client_secret: &record.client_secret,
-        refresh_token: &record.refresh_token,
-        account_key: &record.account_key,
-        scopes: &record.scopes,
-    };
-    tracing::debug!(
-        grant = endpoint.grant.as_str(),
-        owner = guard.owner(),
-        "token call"
-    );
-    let started = std::time::Instant::now();
-    let answer = ctx.client.request(request).await;
-    metrics::histogram!(m::TOKEN_REFRESH_DURATION, "provider" => id.provider.to_string())
-        .record(started.elapsed().as_secs_f64());
-    match answer {
-        Ok(grant) => succeeded(ctx, conn, id, &record, grant, endpoint.default_expires_in)
-            .await
-            .map(|r| (r, false)),
-        Err(e) if e.is_permanent() => permanent(ctx, conn, id, &record, &e)
-            .await
-            .map(|r| (r, false)),
-        Err(e) => Ok(transient(ctx, conn, id, &e).await),
-    }
-}
-
-/// Re-applies a record read under the lock through the registry's one code path.
-async fn reapply(
-    ctx: &Context,
-    id: &ProviderId,
-    state: &RecordState,
-    read_version: u64,
-) -> Result<(), StoreError> {
-    let cfg = ctx.config();
-    let applied = {
-        let mut fleet = ctx.fleet.write();
-        follow::apply(&mut fleet, &cfg, id, state, read_version, Utc::now())
-    };
-    // The caller reports the next deadline; the engine learns it from the report.
-    let applied = follow::Applied {
-        schedule: match applied.schedule {
-            Some(Command::Unschedule(i)) => Some(Command::Unschedule(i)),
-            _ => None,
+fn redis_failed(e: &StoreError) -> Finished {
+    Finished::new(
+        None,
+        Attempt::Redis {
+            detail: e.to_string(),
         },
-        ..applied
-    };
-    follow::commit(ctx, vec![(id.clone(), applied)]).await
-}
-
-/// Writes an attempt's outcome in one round trip: the health entry (the whole state from
-/// `tracked`, or only the attempt's fields) and one event.
-async fn record_outcome(
-    conn: &mut Connection,
-    cfg: &Config,
-    id: &ProviderId,
-    tracked: Option<&Tracked>,
-    at: DateTime<Utc>,
-    (result, error): (&str, Option<&str>),
-    (event, detail): (&str, &str),
-) -> Result<(), StoreError> {
-    let mut h = match tracked {
-        Some(t) => HealthUpdate::from_tracked(t, cfg.refresh.failing_after, at),
-        None => HealthUpdate::default(),
-    };
-    h.attempt(at, result, error);
-    let mut pipe = redis::pipe();
-    h.add_to(&mut pipe, id);
-    health::add_event(
-        &mut pipe,
-        cfg.events.stream_maxlen,
-        event,
-        id,
-        result,
-        detail,
-    );
-    pipe.query_async::<()>(conn).await?;
-    Ok(())
+    )
 }
 
 /// Formats `at` like the field's current value; empty fields get ISO with `+00:00`.
@@ -288,270 +139,605 @@ fn like(at: DateTime<Utc>, current: Option<&timestamp::Timestamp>) -> String {
     timestamp::format(at, format)
 }
 
-async fn succeeded(
+/// The lifetime to schedule from: `expires_in` when it is positive and sane, else the
+/// catalog's default; above `max` it is clamped. The note says which, for health.
+pub fn bounded_lifetime(
+    expires_in: Option<Duration>,
+    default: Duration,
+    max: Duration,
+) -> (Duration, Option<String>) {
+    match expires_in {
+        None => (
+            default.min(max),
+            Some(format!(
+                "expires_in missing from the token answer: assumed {} s",
+                default.min(max).as_secs()
+            )),
+        ),
+        Some(d) if d > max => (
+            max,
+            Some(format!(
+                "expires_in {} s above refresh.max_token_lifetime_secs: clamped to {} s",
+                d.as_secs(),
+                max.as_secs()
+            )),
+        ),
+        Some(d) => (d, None),
+    }
+}
+
+/// Refresh tokens are kept for at most this long in our own arithmetic.
+const MAX_REFRESH_TOKEN_LIFETIME: Duration = Duration::from_secs(400 * 24 * 3600);
+
+/// Releases the lock (and deletes our reservation) in one round trip; failures only leave
+/// the lock to expire.
+async fn release(conn: &mut Connection, guard: &LockGuard, reservation: Option<&Reservation>) {
+    let mut pipe = redis::pipe();
+    if let Some(r) = reservation {
+        r.add_delete(&mut pipe);
+    }
+    guard.add_release(&mut pipe);
+    // In this order on a Cluster too (the reservation and the lock sit on different slots).
+    if let Err(e) = store::query_ordered(conn, &pipe).await {
+        tracing::warn!(error = %e, "lock release failed; it will expire");
+    }
+}
+
+async fn locked(
+    ctx: &Context,
+    conn: &mut Connection,
+    plan: &Plan,
+    pol: &Policies,
+    generation: u64,
+) -> Finished {
+    let cfg = ctx.config();
+    let id = &plan.id;
+    let ttl = Duration::from_secs(cfg.refresh.lock_ttl_secs);
+    let owner = lock::owner_value(&ctx.replica);
+    let mut pipe = redis::pipe();
+    pipe.ignore_errors();
+    lock::add_acquire(&mut pipe, id, &owner, ttl);
+    pipe.cmd("HMGET")
+        .arg(id.record_key())
+        .arg(&RECORD_FIELDS_AND_TOKEN[..]);
+    pipe.cmd("GET").arg(id.inflight_key());
+    // Lock first, then the reads under it: one pipeline on one node (or the Sentinels'
+    // master); on a Cluster the three keys sit on different slots, so each reply is awaited
+    // before the next command is sent.
+    let values: Vec<Value> = match store::query_ordered(conn, &pipe).await {
+        Ok(v) => v,
+        Err(e) => return redis_failed(&StoreError::from(e)),
+    };
+    let mut it = values.into_iter();
+    let (Some(taken), Some(rec), Some(res)) = (it.next(), it.next(), it.next()) else {
+        return redis_failed(&StoreError::Pool("short pipeline answer".into()));
+    };
+    let guard = match lock::acquired(&taken, id, owner) {
+        Acquire::Held(g) => g,
+        Acquire::Busy => return Finished::new(None, Attempt::Locked),
+        Acquire::Stuck => return Finished::new(None, Attempt::LockStuck),
+    };
+    let state = parse_fields_value(rec, &RECORD_FIELDS_AND_TOKEN);
+    let changed = plan
+        .known
+        .as_ref()
+        .is_none_or(|t| t.fingerprint != state.fingerprint());
+    let seen = changed.then(|| state.clone());
+    let now = Utc::now();
+    let mut rng = fastrand::Rng::new();
+    let decision = transition::precheck(
+        plan.known.as_ref(),
+        &state,
+        plan.trigger == Trigger::Forced,
+        pol,
+        &mut Env {
+            now,
+            rng: &mut rng,
+            version: 0,
+        },
+    );
+    if let Err(reason) = decision {
+        release(conn, &guard, None).await;
+        return Finished::new(seen, Attempt::Skipped(reason));
+    }
+    let RecordState::Valid(record) = &state else {
+        release(conn, &guard, None).await;
+        return Finished::new(
+            seen,
+            Attempt::Skipped(transition::SkipReason::NotRefreshable),
+        );
+    };
+    // Another live replica holds an unconfirmed answer for the refresh token we would send?
+    let mut saw_foreign = false;
+    if let Value::BulkString(bytes) = &res {
+        if let Some(f) = std::str::from_utf8(bytes).ok().and_then(reserve::parse) {
+            let same_token = f.token_hash == reserve::token_hash(record.refresh_token.expose());
+            if f.replica != ctx.replica && same_token {
+                saw_foreign = true;
+                match reserve::replica_alive(conn, &f.replica).await {
+                    Ok(true) => {
+                        release(conn, &guard, None).await;
+                        return Finished::new(seen, Attempt::Reserved);
+                    }
+                    Ok(false) => tracing::info!(
+                        "a reservation of a replica without heartbeat is not waited for"
+                    ),
+                    Err(e) => {
+                        release(conn, &guard, None).await;
+                        return Finished::new(seen, redis_failed(&e).outcome);
+                    }
+                }
+            }
+        }
+    }
+    let fallback = plan.known.as_ref().is_some_and(|t| t.fallback);
+    let resolved = if fallback {
+        record.fallback_endpoint(&pol.catalog)
+    } else {
+        record.endpoint(&pol.catalog)
+    };
+    let endpoint = match resolved {
+        Ok(e) => e,
+        Err(_) => {
+            release(conn, &guard, None).await;
+            return Finished::new(
+                seen,
+                Attempt::Skipped(transition::SkipReason::NotRefreshable),
+            );
+        }
+    };
+    // The budget first: a call it does not allow is not sent (and nothing is reserved).
+    let budget_key = endpoint.budget.as_ref().map(|b| {
+        (
+            *b,
+            budget::key(
+                "token",
+                b,
+                id,
+                &record.provider_type,
+                &record.client_id,
+                &record.account_key,
+            ),
+        )
+    });
+    if let Some((b, key)) = &budget_key {
+        let mut ticket = plan.known.as_ref().and_then(|t| t.budget_ticket);
+        let mut slot = budget::take(conn, key, b, ticket).await;
+        // An operator's refresh waits (briefly) for the slot the budget reserved for it,
+        // holding the lock, instead of failing.
+        if let (Trigger::Forced, Ok(budget::Slot::Wait(wait))) = (plan.trigger, &slot) {
+            if *wait <= Duration::from_secs(10) {
+                ticket = Some(transition::add(Utc::now(), *wait));
+                tokio::time::sleep(*wait).await;
+                slot = budget::take(conn, key, b, ticket).await;
+            }
+        }
+        match slot {
+            Ok(budget::Slot::Go) => {}
+            Ok(budget::Slot::Wait(wait)) => {
+                release(conn, &guard, None).await;
+                return Finished::new(seen, Attempt::Throttled { wait });
+            }
+            Err(e) => {
+                release(conn, &guard, None).await;
+                return Finished::new(seen, redis_failed(&StoreError::from(e)).outcome);
+            }
+        }
+    }
+    let rotating = endpoint.grant == Grant::RefreshToken && endpoint.rotates;
+    if rotating && !ctx.status.journal_ok() {
+        release(conn, &guard, None).await;
+        return Finished::new(seen, Attempt::JournalUnavailable);
+    }
+    let reservation = rotating.then(|| {
+        Reservation::new(
+            id,
+            &ctx.replica,
+            record.refresh_token.expose(),
+            now.timestamp_millis(),
+        )
+    });
+    let reservation_ttl = Duration::from_secs(cfg.refresh.reservation_ttl_secs);
+    if let Some(r) = &reservation {
+        let mut pipe = redis::pipe();
+        r.add_set(&mut pipe, reservation_ttl);
+        if let Err(e) = pipe.query_async::<()>(conn).await {
+            // Nothing was sent to the provider.
+            release(conn, &guard, None).await;
+            return Finished::new(seen, redis_failed(&StoreError::from(e)).outcome);
+        }
+    }
+    let request = TokenRequest {
+        provider: &id.provider,
+        endpoint: &endpoint,
+        client_id: &record.client_id,
+        client_secret: &record.client_secret,
+        refresh_token: &record.refresh_token,
+        access_token: &record.access_token,
+        account_key: &record.account_key,
+        scopes: &record.scopes,
+        credentials: &record.credentials,
+    };
+    tracing::debug!(grant = endpoint.grant.as_str(), "token call");
+    let started = Instant::now();
+    let answer = call_renewing(ctx, conn, &guard, reservation.as_ref(), request).await;
+    metrics::histogram!(m::TOKEN_REFRESH_DURATION, "provider" => id.provider.to_string())
+        .record(started.elapsed().as_secs_f64());
+    let status = match &answer {
+        Ok(g) => Some(g.status),
+        Err(TokenError::Permanent { status, .. }) => Some(*status).filter(|s| *s > 0),
+        Err(TokenError::Transient { status, .. }) => *status,
+    };
+    m::provider_api_call(&id.provider, "token", status);
+    if let (
+        Err(TokenError::Transient {
+            status: Some(429),
+            retry_after,
+            ..
+        }),
+        Some((b, key)),
+    ) = (&answer, &budget_key)
+    {
+        // A 429 slows this budget (every replica), not the fleet.
+        if let Err(e) = budget::penalize(conn, key, b, *retry_after).await {
+            tracing::warn!(error = %e, "token budget penalty not recorded");
+        }
+    }
+    let recovering = ctx.status.since_recovery_ms().is_some_and(|ms| {
+        let window = pol.recovery_grace.saturating_add(pol.lock_ttl);
+        u128::try_from(ms).unwrap_or(0) < window.as_millis()
+    });
+    match answer {
+        Ok(grant) => {
+            let lifetimes = (
+                endpoint.default_expires_in,
+                Duration::from_secs(cfg.refresh.max_token_lifetime_secs),
+            );
+            answered(
+                ctx,
+                conn,
+                id,
+                record,
+                grant,
+                lifetimes,
+                guard,
+                reservation,
+                seen,
+                generation,
+            )
+            .await
+        }
+        Err(e) if e.is_permanent() => {
+            permanent(
+                ctx,
+                conn,
+                id,
+                record,
+                &e,
+                &guard,
+                reservation.as_ref(),
+                seen,
+                (recovering || saw_foreign, endpoint.fallback.is_some()),
+            )
+            .await
+        }
+        Err(e) => {
+            let TokenError::Transient {
+                kind,
+                retry_after,
+                maybe_in_flight,
+                ..
+            } = &e
+            else {
+                release(conn, &guard, reservation.as_ref()).await;
+                return Finished::new(
+                    seen,
+                    Attempt::Redis {
+                        detail: e.to_string(),
+                    },
+                );
+            };
+            if *maybe_in_flight {
+                // The provider may have used the token; we hold no answer, so the
+                // reservation protects nothing. The lock is left to expire.
+                if let Some(r) = &reservation {
+                    let _ = r.delete(conn).await;
+                }
+                guard.abandon();
+            } else {
+                release(conn, &guard, reservation.as_ref()).await;
+            }
+            Finished::new(
+                seen,
+                Attempt::Transient {
+                    kind: kind.as_str(),
+                    detail: e.to_string(),
+                    retry_after: *retry_after,
+                    in_flight: *maybe_in_flight,
+                },
+            )
+        }
+    }
+}
+
+/// The token call, renewing the lock (and the reservation) while it runs.
+async fn call_renewing(
+    ctx: &Context,
+    conn: &mut Connection,
+    guard: &LockGuard,
+    reservation: Option<&Reservation>,
+    request: TokenRequest<'_>,
+) -> Result<TokenGrant, TokenError> {
+    let cfg = ctx.config();
+    let ttl = Duration::from_secs(cfg.refresh.lock_ttl_secs);
+    let reservation_ttl = Duration::from_secs(cfg.refresh.reservation_ttl_secs);
+    let slow = Duration::from_secs(cfg.refresh.http_timeout_secs);
+    let call = ctx.client.request(request);
+    tokio::pin!(call);
+    let mut renew = tokio::time::interval((ttl / 3).max(Duration::from_millis(100)));
+    renew.tick().await;
+    let slow_at = tokio::time::sleep(slow);
+    tokio::pin!(slow_at);
+    let mut warned = false;
+    loop {
+        tokio::select! {
+            r = &mut call => return r,
+            _ = renew.tick() => {
+                // A lost renewal is not fatal: the reservation still names our token.
+                let _ = guard.renew(conn, ttl).await;
+                if let Some(r) = reservation {
+                    let _ = r.renew(conn, reservation_ttl).await;
+                }
+            }
+            _ = &mut slow_at, if !warned => {
+                warned = true;
+                tracing::warn!(
+                    waiting_up_to_secs = cfg.refresh.response_timeout_secs,
+                    "token endpoint slow: still waiting for its answer (the request was sent; the provider may have used the refresh token)"
+                );
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn answered(
     ctx: &Context,
     conn: &mut Connection,
     id: &ProviderId,
     record: &ProviderRecord,
     grant: TokenGrant,
-    default_lifetime: Duration,
-) -> Result<Report, StoreError> {
-    let cfg = ctx.config();
+    (default_lifetime, max_lifetime): (Duration, Duration),
+    guard: LockGuard,
+    reservation: Option<Reservation>,
+    seen: Option<RecordState>,
+    generation: u64,
+) -> Finished {
     let issued = Utc::now();
-    let defaulted = grant.expires_in.is_none();
-    let lifetime = grant.expires_in.unwrap_or(default_lifetime);
-    let expiry = issued + chrono::Duration::from_std(lifetime).unwrap_or_default();
+    let (lifetime, note) = bounded_lifetime(grant.expires_in, default_lifetime, max_lifetime);
+    let expiry = transition::add(issued, lifetime);
+    let rt_expiry = grant
+        .refresh_token_expires_in
+        .map(|d| transition::add(issued, d.min(MAX_REFRESH_TOKEN_LIFETIME)));
     let token_expiry = like(expiry, record.token_expiry.as_ref());
     let updated_at = like(issued, record.updated_at.as_ref());
-    let new_rt = grant.refresh_token.as_ref().map_or("", |s| s.expose());
-    let written = writeback::compare_and_set(
-        conn,
-        id,
-        &WriteBack {
-            expected_refresh_token: record.refresh_token.expose(),
-            access_token: grant.access_token.expose(),
-            new_refresh_token: new_rt,
-            token_expiry: &token_expiry,
-            updated_at: &updated_at,
-        },
-    )
-    .await?;
-    match written {
-        WriteResult::Written => {}
-        WriteResult::Gone => {
-            tracing::warn!("record deleted during the refresh; new tokens discarded");
-            return Ok(Report::new(
-                result::CONFLICT,
-                None,
-                "record deleted during the refresh",
-            ));
-        }
-        WriteResult::Conflict => {
-            tracing::warn!("refresh token changed under us during the call: another writer refreshed without the lock; the tokens of this call were discarded");
-            return conflict(ctx, conn, id, "refresh token changed during the call").await;
-        }
-    }
-    let rt_now = if new_rt.is_empty() {
-        record.refresh_token.expose()
-    } else {
-        new_rt
-    };
-    let note = defaulted.then(|| {
-        format!(
-            "expires_in missing from the token answer: assumed {} s",
-            lifetime.as_secs()
-        )
-    });
-    let tracked = {
-        let mut fleet = ctx.fleet.write();
-        let version = fleet.bump();
-        let t = fleet
-            .providers
-            .entry(id.clone())
-            .or_insert_with(|| Tracked::new(&record.provider_type, Verdict::Active, 0, issued));
-        t.verdict = Verdict::Active;
-        t.fingerprint = record.fingerprint_after_write(rt_now, &token_expiry, &updated_at);
-        t.reauth = None;
-        t.consecutive_failures = 0;
-        // A probe's verdict was about the access token just replaced.
-        t.probe = None;
-        t.note = note.clone();
-        t.token_expiry = Some(expiry);
-        t.issued_at = issued;
-        t.last_refresh = issued;
-        if let Some(rte) = grant.refresh_token_expires_in {
-            t.refresh_token_expiry =
-                Some(issued + chrono::Duration::from_std(rte).unwrap_or_default());
-        }
-        t.next_refresh = Some(cfg.refresh_policy().next_refresh(
-            Lifetime { issued, expiry },
-            issued,
-            t.refresh_token_expiry,
-            issued,
-            &mut fastrand::Rng::new(),
-        ));
-        t.last_result = Some(result::SUCCESS);
-        t.version = version;
-        t.clone()
-    };
-    record_outcome(
-        conn,
-        &cfg,
-        id,
-        Some(&tracked),
+    let new_rt = grant.refresh_token.clone();
+    let rt_now = new_rt.as_ref().unwrap_or(&record.refresh_token);
+    let refreshed = Refreshed {
         issued,
-        (result::SUCCESS, None),
-        ("refresh", note.as_deref().unwrap_or("")),
-    )
-    .await?;
-    tracing::info!(
-        expires_in_secs = lifetime.as_secs(),
-        rotated = !new_rt.is_empty(),
-        elapsed_ms = grant.elapsed.as_millis() as u64,
-        next_refresh = %tracked.next_refresh.map(timestamp::iso_utc).unwrap_or_default(),
-        "token refreshed"
-    );
-    Ok(Report::new(
-        result::SUCCESS,
-        tracked.next_refresh,
-        "refreshed",
-    ))
+        expiry,
+        refresh_token_expiry: rt_expiry,
+        rotated: new_rt.is_some(),
+        fingerprint: record.fingerprint_after_write(rt_now.expose(), &token_expiry, &updated_at),
+        note,
+        refresh_hash: Some(reserve::token_short(rt_now.expose())),
+        replaced_hash: new_rt
+            .as_ref()
+            .map(|_| reserve::token_short(record.refresh_token.expose())),
+    };
+    // A new refresh token is durable before anything else happens to it.
+    let mut entry: Option<Entry> = None;
+    let mut journaled_id: Option<EntryId> = None;
+    if let Some(rt) = &new_rt {
+        let e = Entry {
+            id: EntryId::random(),
+            version: crate::journal::FORMAT_VERSION,
+            created_at: issued,
+            tenant: id.tenant.to_string(),
+            provider: id.provider.to_string(),
+            old_refresh_token: record.refresh_token.clone(),
+            old_access_token: record.access_token.clone(),
+            access_token: grant.access_token.clone(),
+            refresh_token: Some(rt.clone()),
+            token_expiry: token_expiry.clone(),
+            updated_at: updated_at.clone(),
+            expires_at: expiry,
+            refresh_token_expires_at: rt_expiry,
+        };
+        let journaled = match &ctx.journal {
+            Some(j) => match j.append(&e).await {
+                Ok(()) => true,
+                Err(err) => {
+                    if ctx.status.set_journal_ok(false) {
+                        tracing::error!(error = %err, "journal cannot be written: this answer is written back anyway, and no new rotating refresh starts until the journal works again (/readyz 503)");
+                    }
+                    false
+                }
+            },
+            None => false,
+        };
+        if journaled {
+            journaled_id = Some(e.id.clone());
+        }
+        entry = Some(e);
+    }
+    // A master change since this attempt took its connection: that connection may still
+    // reach the former master, which accepts writes until the Sentinels demote it and then
+    // drops them. The write-back goes to the new master.
+    let mut fresh = None;
+    let mut write_generation = generation;
+    if store::master_generation(&ctx.pool) != generation {
+        write_generation = store::master_generation(&ctx.pool);
+        fresh = store::conn(&ctx.pool).await.ok();
+    }
+    let conn: &mut Connection = match fresh.as_mut() {
+        Some(c) => c,
+        None => conn,
+    };
+    let write = WriteBack {
+        expected_refresh_token: record.refresh_token.expose(),
+        access_token: grant.access_token.expose(),
+        new_refresh_token: new_rt.as_ref().map_or("", Secret::expose),
+        token_expiry: &token_expiry,
+        updated_at: &updated_at,
+    };
+    // One round trip for the write-back and the release where nothing must come between
+    // them: no WAIT (which runs under the lock), and one node (a Cluster's keys sit on
+    // different slots).
+    let together = ctx.config().redis.wait().is_none() && !store::is_cluster(conn);
+    let written = if together {
+        writeback::compare_and_set_then(conn, id, &write, |pipe| {
+            if let Some(r) = &reservation {
+                r.add_delete(pipe);
+            }
+            guard.add_release(pipe);
+        })
+        .await
+    } else {
+        writeback::compare_and_set(conn, id, &write).await
+    };
+    let settle = |ctx: &Context| {
+        if let (Some(j), Some(eid)) = (&ctx.journal, &journaled_id) {
+            if let Err(err) = j.confirm(eid) {
+                tracing::warn!(error = %err, "journal entry could not be marked confirmed");
+            }
+        }
+    };
+    let written = match written {
+        Ok(WriteResult::Written) => {
+            // Replicated (WAIT) while still under the lock and the reservation.
+            writeback::confirm_replicated(&ctx.config().redis, conn, id).await;
+            if entry.is_some() && store::master_generation(&ctx.pool) != write_generation {
+                // It may have reached the former master only: replayed on the new one (the
+                // journal's compare-and-set makes a second write of it harmless).
+                Err(StoreError::Pool(
+                    "the Redis master changed during the write-back".into(),
+                ))
+            } else {
+                Ok(WriteResult::Written)
+            }
+        }
+        other => other,
+    };
+    match written {
+        Ok(WriteResult::Written) => {
+            if !together {
+                release(conn, &guard, reservation.as_ref()).await;
+            }
+            settle(ctx);
+            Finished::new(seen, Attempt::Refreshed(refreshed))
+        }
+        Ok(WriteResult::Conflict) => {
+            settle(ctx);
+            let seen = Registry::read_record(conn, id).await.ok().or(seen);
+            if !together {
+                release(conn, &guard, reservation.as_ref()).await;
+            }
+            Finished::new(
+                seen,
+                Attempt::Conflict {
+                    detail: "refresh token changed during the call".into(),
+                },
+            )
+        }
+        Ok(WriteResult::Gone) => {
+            settle(ctx);
+            if !together {
+                release(conn, &guard, reservation.as_ref()).await;
+            }
+            Finished::new(seen, Attempt::RecordGone)
+        }
+        Err(err) => match entry {
+            Some(e) => {
+                tracing::warn!(error = %err, "write-back not confirmed: the answer is held and replayed until Redis confirms it");
+                guard.abandon();
+                ctx.replayer.hold(Held {
+                    id: id.clone(),
+                    journaled: journaled_id.is_some(),
+                    entry: e,
+                    reservation,
+                    refreshed: refreshed.clone(),
+                });
+                Finished::new(seen, Attempt::Unconfirmed(refreshed))
+            }
+            None => {
+                // No new refresh token: the stored one still works; try again later.
+                guard.abandon();
+                Finished::new(
+                    seen,
+                    Attempt::Redis {
+                        detail: err.to_string(),
+                    },
+                )
+            }
+        },
+    }
 }
 
-/// The refresh token changed under us: re-read and reschedule from what is there now.
-async fn conflict(
-    ctx: &Context,
-    conn: &mut Connection,
-    id: &ProviderId,
-    detail: &str,
-) -> Result<Report, StoreError> {
-    let cfg = ctx.config();
-    let read_version = ctx.fleet.write().bump();
-    let state = Registry::read_record(conn, id).await?;
-    reapply(ctx, id, &state, read_version).await?;
-    let next = ctx
-        .fleet
-        .read()
-        .providers
-        .get(id)
-        .and_then(|t| t.next_refresh);
-    record_outcome(
-        conn,
-        &cfg,
-        id,
-        None,
-        Utc::now(),
-        (result::CONFLICT, Some(detail)),
-        ("conflict", detail),
-    )
-    .await?;
-    Ok(Report::new(result::CONFLICT, next, detail))
-}
-
+#[allow(clippy::too_many_arguments)]
 async fn permanent(
     ctx: &Context,
     conn: &mut Connection,
     id: &ProviderId,
     record: &ProviderRecord,
     e: &TokenError,
-) -> Result<Report, StoreError> {
-    let cfg = ctx.config();
+    guard: &LockGuard,
+    reservation: Option<&Reservation>,
+    seen: Option<RecordState>,
+    (during_recovery, can_fall_back): (bool, bool),
+) -> Finished {
+    let _ = ctx;
     // Still holding the lock: did someone else refresh while we called?
-    let current: Option<String> = redis::cmd("HGET")
+    let current: Result<Option<String>, _> = redis::cmd("HGET")
         .arg(id.record_key())
         .arg("refresh_token")
         .query_async(conn)
-        .await?;
+        .await;
+    let current = match current {
+        Ok(c) => c,
+        Err(err) => {
+            release(conn, guard, reservation).await;
+            return Finished::new(
+                seen,
+                Attempt::Redis {
+                    detail: err.to_string(),
+                },
+            );
+        }
+    };
     if current.as_deref().unwrap_or("") != record.refresh_token.expose() {
         tracing::info!(error = %e, "provider refused a refresh token that had meanwhile been replaced: someone else refreshed, nothing is broken");
-        return conflict(
-            ctx,
-            conn,
-            id,
-            "refresh token replaced by another writer during the call",
-        )
-        .await;
-    }
-    let TokenError::Permanent { code, .. } = e else {
-        return Ok(Report::new(result::TRANSIENT_ERROR, None, e.to_string()));
-    };
-    let now = Utc::now();
-    let tracked = {
-        let mut fleet = ctx.fleet.write();
-        let version = fleet.bump();
-        let t = fleet.providers.entry(id.clone()).or_insert_with(|| {
-            Tracked::new(
-                &record.provider_type,
-                Verdict::Active,
-                record.fingerprint,
-                now,
-            )
-        });
-        t.reauth = Some(code.clone());
-        t.next_refresh = None;
-        t.last_result = Some(result::REAUTH_REQUIRED);
-        t.fingerprint = record.fingerprint;
-        t.version = version;
-        t.clone()
-    };
-    let error = e.to_string();
-    record_outcome(
-        conn,
-        &cfg,
-        id,
-        Some(&tracked),
-        now,
-        (result::REAUTH_REQUIRED, Some(&error)),
-        ("reauth_required", &error),
-    )
-    .await?;
-    tracing::error!(error = %error, "re-authorisation required: no further attempts until the record changes");
-    Ok(Report::new(result::REAUTH_REQUIRED, None, error))
-}
-
-/// Returns the report and whether the lock must be left to expire.
-async fn transient(
-    ctx: &Context,
-    conn: &mut Connection,
-    id: &ProviderId,
-    e: &TokenError,
-) -> (Report, bool) {
-    let cfg = ctx.config();
-    let (retry_after, in_flight) = match e {
-        TokenError::Transient {
-            retry_after,
-            maybe_in_flight,
-            ..
-        } => (*retry_after, *maybe_in_flight),
-        TokenError::Permanent { .. } => (None, false),
-    };
-    let now = Utc::now();
-    let tracked = {
-        let mut fleet = ctx.fleet.write();
-        let version = fleet.bump();
-        let Some(t) = fleet.providers.get_mut(id) else {
-            return (
-                Report::new(result::TRANSIENT_ERROR, None, e.to_string()),
-                in_flight,
-            );
-        };
-        t.consecutive_failures = t.consecutive_failures.saturating_add(1);
-        let mut delay = cfg.retry_policy().delay(
-            t.consecutive_failures,
-            retry_after,
-            &mut fastrand::Rng::new(),
+        let seen = Registry::read_record(conn, id).await.ok().or(seen);
+        release(conn, guard, reservation).await;
+        return Finished::new(
+            seen,
+            Attempt::Conflict {
+                detail: "refresh token replaced by another writer during the call".into(),
+            },
         );
-        if in_flight {
-            // The lock is left to expire: no point in trying before it does.
-            delay = delay.max(Duration::from_secs(cfg.refresh.lock_ttl_secs));
-        }
-        t.next_refresh = Some(now + chrono::Duration::from_std(delay).unwrap_or_default());
-        t.last_result = Some(result::TRANSIENT_ERROR);
-        t.version = version;
-        t.clone()
-    };
-    let error = e.to_string();
-    tracing::warn!(
-        error = %error,
-        consecutive_failures = tracked.consecutive_failures,
-        retry_at = %tracked.next_refresh.map(timestamp::iso_utc).unwrap_or_default(),
-        "token call failed; will retry"
-    );
-    let written = record_outcome(
-        conn,
-        &cfg,
-        id,
-        Some(&tracked),
-        now,
-        (result::TRANSIENT_ERROR, Some(&error)),
-        ("failure", &error),
-    )
-    .await;
-    if let Err(err) = written {
-        tracing::warn!(error = %err, "health write failed");
     }
-    (
-        Report::new(result::TRANSIENT_ERROR, tracked.next_refresh, error),
-        in_flight,
+    release(conn, guard, reservation).await;
+    let (code, detail) = match e {
+        TokenError::Permanent { code, detail, .. } => (code.clone(), detail.clone()),
+        TokenError::Transient { .. } => ("invalid_grant".to_string(), e.to_string()),
+    };
+    Finished::new(
+        seen,
+        Attempt::Permanent {
+            code,
+            detail,
+            during_recovery,
+            can_fall_back,
+        },
     )
 }

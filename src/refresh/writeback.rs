@@ -46,23 +46,77 @@ pub enum WriteResult {
     Gone,
 }
 
+fn result_of(n: i64) -> WriteResult {
+    match n {
+        1 => WriteResult::Written,
+        0 => WriteResult::Conflict,
+        _ => WriteResult::Gone,
+    }
+}
+
+/// The compare-and-set, then `release` (commands added to the pipeline it gets, e.g. the
+/// lock's and the reservation's compare-and-deletes), in one round trip. For one node or a
+/// Sentinel master without `WAIT`: the release is right whatever the compare-and-set
+/// found. Written, the record no longer holds the refresh token the reservation protects;
+/// not written, there is nothing to protect. An error leaves it unknown whether both ran
+/// (the caller holds the answer for the journal's replay, which is safe either way).
+pub async fn compare_and_set_then(
+    conn: &mut Connection,
+    id: &ProviderId,
+    w: &WriteBack<'_>,
+    release: impl FnOnce(&mut redis::Pipeline),
+) -> Result<WriteResult, StoreError> {
+    let mut pipe = redis::pipe();
+    pipe.cmd("EVAL")
+        .arg(COMPARE_AND_SET)
+        .arg(1)
+        .arg(id.record_key())
+        .arg(w.expected_refresh_token)
+        .arg(w.access_token)
+        .arg(w.new_refresh_token)
+        .arg(w.token_expiry)
+        .arg(w.updated_at);
+    release(&mut pipe);
+    let (n,): (i64,) = pipe.query_async(conn).await?;
+    Ok(result_of(n))
+}
+
+/// The compare-and-set alone (a release or a `WAIT` must come after it, in its own round
+/// trip).
 pub async fn compare_and_set(
     conn: &mut Connection,
     id: &ProviderId,
     w: &WriteBack<'_>,
 ) -> Result<WriteResult, StoreError> {
-    let n: i64 = redis::Script::new(COMPARE_AND_SET)
-        .key(id.record_key())
-        .arg(w.expected_refresh_token)
-        .arg(w.access_token)
-        .arg(w.new_refresh_token)
-        .arg(w.token_expiry)
-        .arg(w.updated_at)
-        .invoke_async(conn)
-        .await?;
-    Ok(match n {
-        1 => WriteResult::Written,
-        0 => WriteResult::Conflict,
-        _ => WriteResult::Gone,
-    })
+    compare_and_set_then(conn, id, w, |_| {}).await
+}
+
+/// After a written write-back: `WAIT` until `redis.wait_replicas` replicas have it (see
+/// [`crate::config::RedisConfig::wait`]), so that a failover right after it does not lose
+/// it. A shortfall is logged and counted, not an error: the write is on the master, and the
+/// journal keeps the entry for `journal.confirmed_retention_secs` to re-apply it after a
+/// master change.
+pub async fn confirm_replicated(
+    cfg: &crate::config::RedisConfig,
+    conn: &mut Connection,
+    id: &ProviderId,
+) {
+    let Some((replicas, timeout)) = cfg.wait() else {
+        return;
+    };
+    match crate::store::wait_replicas(conn, &id.record_key(), replicas, timeout).await {
+        Ok(n) if n >= replicas => {}
+        Ok(n) => {
+            metrics::counter!(crate::telemetry::metrics::REDIS_WAIT_SHORTFALL).increment(1);
+            tracing::warn!(
+                confirmed = n,
+                wanted = replicas,
+                "write-back confirmed by fewer replicas than redis.wait_replicas; the journal keeps it for a failover"
+            );
+        }
+        Err(e) => {
+            metrics::counter!(crate::telemetry::metrics::REDIS_WAIT_SHORTFALL).increment(1);
+            tracing::warn!(error = %e, "WAIT for replicas failed; the journal keeps the entry for a failover");
+        }
+    }
 }

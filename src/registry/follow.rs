@@ -1,8 +1,9 @@
 //! Following the registry: keeps the fleet and the deadlines in step with Redis.
 //!
-//! [`apply`] is the one place where a record read from Redis changes what tokenwarden
-//! believes (new, changed, inactive, invalid); refresh attempts use it too when they re-read
-//! a record under the lock. [`run`] is the loop: a full read at start and every
+//! It only reads: what a record read means is decided by the engine
+//! ([`crate::engine::transition`]), to which every read is sent ([`Msg::Records`],
+//! [`Msg::Gone`]); a full read goes on reading while the engine applies what it sent, and
+//! ends once all of it is applied. [`run`] is the loop: a full read at start and every
 //! `full_rescan_interval_secs`; in between, change events ([`watch`]: keyspace
 //! notifications when the server sends them, else client-tracking invalidations), and a
 //! light change scan every `change_scan_interval_secs` while no event source is live.
@@ -11,19 +12,18 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, Utc};
+use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, Notifications};
-use crate::context::{Command, Context};
-use crate::fleet::{Fleet, Tracked, Verdict};
-use crate::health::{self, HealthUpdate};
+use crate::config::Notifications;
+use crate::context::Context;
+use crate::context::ReadTicket;
+use crate::engine::Msg;
 use crate::keys::ProviderId;
 use crate::registry::record::RecordState;
 use crate::registry::watch::{self, Change};
-use crate::registry::{Members, ReadStats, Registry};
-use crate::schedule::policy::Lifetime;
+use crate::registry::{Members, ReadStats, Registry, Reported, PIPELINE_DEPTH};
 use crate::store::{self, StoreError};
 use crate::telemetry::metrics as m;
 
@@ -32,191 +32,66 @@ const APPLY_SLICE: usize = 5_000;
 /// Tenants whose members are read together during a full read.
 const TENANT_SLICE: usize = 1_000;
 
-/// What [`apply`] decided, to be sent to Redis and the engine after the fleet lock is gone.
-#[derive(Debug, Default)]
-pub struct Applied {
-    pub schedule: Option<Command>,
-    pub health: Option<HealthUpdate>,
-    pub event: Option<(&'static str, String)>,
-}
-
-/// Applies one record read to the fleet. `read_version` is the fleet version taken before the
-/// read: an entry changed locally since then is newer than the read, and is left alone.
-pub fn apply(
-    fleet: &mut Fleet,
-    cfg: &Config,
-    id: &ProviderId,
-    state: &RecordState,
-    read_version: u64,
-    now: DateTime<Utc>,
-) -> Applied {
-    let fp = state.fingerprint();
-    let previous = fleet.providers.get(id);
-    if let Some(t) = previous {
-        if t.version > read_version || t.fingerprint == fp {
-            return Applied::default();
-        }
-    }
-    let last_refresh = previous.map_or(now, |t| t.last_refresh);
-    let was_active = previous.is_some_and(|t| t.verdict == Verdict::Active && t.reauth.is_none());
-    let failing_after = cfg.refresh.failing_after;
-    let mut out = Applied::default();
-    let tracked = match state {
-        RecordState::Inactive { provider_type, .. } => {
-            tracing::info!(tenant = %id.tenant, provider = %id.provider, "provider inactive: tracked, not refreshed");
-            out.schedule = Some(Command::Unschedule(id.clone()));
-            Tracked::new(provider_type, Verdict::Inactive, fp, now)
-        }
-        RecordState::Invalid { error, .. } => {
-            invalid(id, &error.reason_and_detail(), fp, now, &mut out)
-        }
-        RecordState::Valid(r) => match r.endpoint(&cfg.catalog) {
-            Err(e) => invalid(id, &(e.reason, e.detail.clone()), fp, now, &mut out),
-            Ok(_) => {
-                let mut t = Tracked::new(&r.provider_type, Verdict::Active, fp, now);
-                t.last_refresh = last_refresh;
-                t.refresh_token_expiry = previous.and_then(|p| p.refresh_token_expiry);
-                t.token_expiry = r.token_expiry.map(|e| e.at);
-                let next = match t.token_expiry {
-                    None => now,
-                    Some(expiry) => cfg.refresh_policy().next_refresh(
-                        Lifetime {
-                            issued: now,
-                            expiry,
-                        },
-                        last_refresh,
-                        t.refresh_token_expiry,
-                        now,
-                        &mut fastrand::Rng::new(),
-                    ),
-                };
-                t.next_refresh = Some(next);
-                out.schedule = Some(Command::Schedule(id.clone(), next));
-                if previous.is_none() {
-                    tracing::debug!(tenant = %id.tenant, provider = %id.provider, next_refresh = %next, "tracking provider");
-                }
-                t
-            }
-        },
-    };
-    let mut h = HealthUpdate::from_tracked(&tracked, failing_after, now);
-    if tracked.verdict == Verdict::Active && (previous.is_none() || was_active) {
-        // Another replica may know more about this provider's health: do not overwrite it.
-        let state = tracked.state(failing_after).as_str();
-        h = HealthUpdate::default();
-        h.set_if_absent("state", state);
-        h.set(
-            "token_expiry",
-            tracked
-                .token_expiry
-                .map(crate::timestamp::iso_utc)
-                .unwrap_or_default(),
-        );
-        h.set(
-            "next_refresh_at",
-            tracked
-                .next_refresh
-                .map(crate::timestamp::iso_utc)
-                .unwrap_or_default(),
-        );
-        h.set("updated_at", crate::timestamp::iso_utc(now));
-    }
-    out.health = Some(h);
-    let mut tracked = tracked;
-    tracked.version = read_version;
-    fleet.providers.insert(id.clone(), tracked);
-    out
-}
-
-fn invalid(
-    id: &ProviderId,
-    (reason, detail): &(&'static str, String),
-    fp: u64,
-    now: DateTime<Utc>,
-    out: &mut Applied,
-) -> Tracked {
-    tracing::warn!(tenant = %id.tenant, provider = %id.provider, reason, detail = %detail, "invalid provider record: not refreshed until it changes");
-    metrics::counter!(m::REGISTRY_INVALID_RECORDS, "reason" => *reason).increment(1);
-    out.schedule = Some(Command::Unschedule(id.clone()));
-    out.event = Some(("invalid_record", format!("{reason}: {detail}")));
-    Tracked::new(
-        "",
-        Verdict::Invalid {
-            reason,
-            detail: detail.clone(),
-        },
-        fp,
-        now,
-    )
-}
-
-trait ReasonAndDetail {
-    fn reason_and_detail(&self) -> (&'static str, String);
-}
-
-impl ReasonAndDetail for crate::registry::record::InvalidRecord {
-    fn reason_and_detail(&self) -> (&'static str, String) {
-        (self.reason, self.detail.clone())
-    }
-}
-
-/// Sends what [`apply`] decided for many records: health and events in one pipeline.
-pub async fn commit(ctx: &Context, decided: Vec<(ProviderId, Applied)>) -> Result<(), StoreError> {
-    if decided.is_empty() {
-        return Ok(());
-    }
-    let cfg = ctx.config();
-    let mut pipe = redis::pipe();
-    let mut n = 0usize;
-    for (id, a) in decided {
-        if let Some(c) = a.schedule {
-            ctx.engine.send(c);
-        }
-        if let Some(h) = &a.health {
-            h.add_to(&mut pipe, &id);
-            n += 1;
-        }
-        if let Some((kind, detail)) = &a.event {
-            health::add_event(&mut pipe, cfg.events.stream_maxlen, kind, &id, kind, detail);
-            n += 1;
-        }
-    }
-    if n > 0 {
-        let mut conn = store::conn(&ctx.pool).await?;
-        pipe.query_async::<()>(&mut conn).await?;
-    }
-    Ok(())
-}
-
-/// Forgets providers that left the registry: deadline, fleet entry, health hash.
-async fn remove(ctx: &Context, gone: Vec<ProviderId>) -> Result<(), StoreError> {
+/// Forgets providers that left the registry (the engine drops their deadline, fleet entry
+/// and health hash).
+async fn remove(
+    ctx: &Context,
+    gone: Vec<ProviderId>,
+    ticket: ReadTicket,
+) -> Result<(), StoreError> {
     if gone.is_empty() {
         return Ok(());
     }
-    let cfg = ctx.config();
-    let mut pipe = redis::pipe();
-    {
-        let mut fleet = ctx.fleet.write();
-        for id in &gone {
-            fleet.providers.remove(id);
-        }
-    }
-    for id in &gone {
-        tracing::info!(tenant = %id.tenant, provider = %id.provider, "provider left the registry: forgotten");
-        ctx.engine.send(Command::Unschedule(id.clone()));
-        health::add_delete(&mut pipe, id);
-        health::add_event(
-            &mut pipe,
-            cfg.events.stream_maxlen,
-            "removed",
-            id,
-            "removed",
-            "",
-        );
-    }
-    let mut conn = store::conn(&ctx.pool).await?;
-    pipe.query_async::<()>(&mut conn).await?;
+    ctx.engine
+        .send_and_wait(|done| Msg::Gone {
+            ids: gone,
+            ticket,
+            done: Some(done),
+        })
+        .await;
     Ok(())
+}
+
+/// Forgets providers another replica serves now (their health hash stays: it is the
+/// owner's to write).
+async fn release(ctx: &Context, ids: Vec<ProviderId>) -> Result<(), StoreError> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    tracing::info!(providers = ids.len(), "providers handed to another replica");
+    ctx.engine
+        .send_and_wait(|done| Msg::Released {
+            ids,
+            done: Some(done),
+        })
+        .await;
+    Ok(())
+}
+
+/// Splits providers that left this replica's view into those served elsewhere now (their
+/// tenant is in `unowned`) and those gone from the registry; forgets both accordingly.
+async fn drop_ids(
+    ctx: &Context,
+    ids: Vec<ProviderId>,
+    unowned: &HashSet<String>,
+    ticket: ReadTicket,
+) -> Result<(), StoreError> {
+    let (elsewhere, gone): (Vec<ProviderId>, Vec<ProviderId>) = ids
+        .into_iter()
+        .partition(|id| unowned.contains(&*id.tenant));
+    release(ctx, elsewhere).await?;
+    remove(ctx, gone, ticket).await
+}
+
+/// Keeps the tenants this replica serves; the others go to `unowned`.
+fn keep_owned(ctx: &Context, tenants: &mut Vec<String>, unowned: &mut HashSet<String>) {
+    tenants.retain(|t| {
+        let mine = ctx.membership.owns(t);
+        if !mine {
+            unowned.insert(t.clone());
+        }
+        mine
+    });
 }
 
 /// The registry as last discovered: tenant -> provider names, and the tenants whose provider
@@ -244,28 +119,22 @@ async fn read_and_apply(
     registry: &Registry,
     ids: &[ProviderId],
     stats: &mut ReadStats,
+    ticket: ReadTicket,
 ) -> Result<(), StoreError> {
     for slice in ids.chunks(APPLY_SLICE) {
-        let read_version = ctx.fleet.write().bump();
+        let read_version = ctx.fleet.read().version();
         let mut conn = store::conn(&ctx.pool).await?;
         let states = registry.read_records(&mut conn, slice, stats).await?;
         drop(conn);
-        let cfg = ctx.config();
-        let now = Utc::now();
-        let decided: Vec<(ProviderId, Applied)> = {
-            let mut fleet = ctx.fleet.write();
-            slice
-                .iter()
-                .zip(states.iter())
-                .map(|(id, s)| {
-                    (
-                        id.clone(),
-                        apply(&mut fleet, &cfg, id, s, read_version, now),
-                    )
-                })
-                .collect()
-        };
-        commit(ctx, decided).await?;
+        let batch: Vec<(ProviderId, RecordState)> = slice.iter().cloned().zip(states).collect();
+        ctx.engine
+            .send_and_wait(|done| Msg::Records {
+                batch,
+                read_version,
+                ticket,
+                done: Some(done),
+            })
+            .await;
     }
     Ok(())
 }
@@ -282,9 +151,12 @@ fn reconcile(known: &Known, discovered: BTreeMap<String, Members>) -> Known {
                 }
             }
             Members::WrongType => {
-                tracing::warn!(tenant = %tenant, "tenant:{{t}}:providers is not a set: skipped");
-                metrics::counter!(m::REGISTRY_INVALID_RECORDS, "reason" => "wrong_type")
-                    .increment(1);
+                if !known.1.contains(&tenant) {
+                    tracing::warn!(tenant = %tenant, "tenant:{{t}}:providers is not a set: skipped");
+                    metrics::counter!(m::REGISTRY_INVALID_RECORDS, "reason" => "wrong_type")
+                        .increment(1);
+                }
+                next.1.insert(tenant.clone());
                 if let Some(names) = known.0.get(&tenant) {
                     next.0.insert(tenant, names.clone());
                 }
@@ -303,19 +175,91 @@ fn gone_ids(before: &Known, after: &Known) -> Vec<ProviderId> {
         .collect()
 }
 
-/// Every record, read in full.
+/// Parsed record batches handed to the engine and not yet applied, during a full read: the
+/// next batches are read while the engine applies these.
+const APPLY_WINDOW: usize = 4;
+
+/// The record reads of a full read, in a task of their own: the ids of each tenant slice go
+/// in as soon as its members are read, `HMGET` batches stay [`PIPELINE_DEPTH`] in flight
+/// across slices (no drain between them), and each parsed batch goes to the engine while
+/// the next ones are read, at most [`APPLY_WINDOW`] of them not yet applied. Ends, with its
+/// read counts, once the sender is dropped and everything read is applied.
+fn spawn_record_feed(
+    ctx: Arc<Context>,
+    registry: Registry,
+    conn: store::Connection,
+    ticket: ReadTicket,
+) -> (
+    mpsc::UnboundedSender<Vec<ProviderId>>,
+    tokio::task::JoinHandle<Result<ReadStats, StoreError>>,
+) {
+    let (tx, rx) = mpsc::unbounded_channel::<Vec<ProviderId>>();
+    let task = tokio::spawn(async move {
+        let ids = futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|ids| (ids, rx))
+        })
+        .flat_map(futures_util::stream::iter);
+        let reads = ids.ready_chunks(registry.batch()).map(|chunk| {
+            let (registry, mut conn) = (registry.clone(), conn.clone());
+            // Taken as the read is sent: a local change after it wins over what it returns.
+            let read_version = ctx.fleet.read().version();
+            async move {
+                let mut stats = ReadStats::default();
+                let states = registry.read_records(&mut conn, &chunk, &mut stats).await?;
+                Ok::<_, StoreError>((chunk, states, read_version, stats))
+            }
+        });
+        let mut reads = std::pin::pin!(reads.buffered(PIPELINE_DEPTH));
+        let mut stats = ReadStats::default();
+        let mut unapplied = std::collections::VecDeque::new();
+        while let Some(read) = reads.next().await {
+            let (chunk, states, read_version, s) = read?;
+            stats.round_trips += s.round_trips;
+            stats.keys += s.keys;
+            while unapplied.len() >= APPLY_WINDOW {
+                if let Some(applied) = unapplied.pop_front() {
+                    let _ = applied.await;
+                }
+            }
+            let (done, applied) = tokio::sync::oneshot::channel();
+            ctx.engine.send(Msg::Records {
+                batch: chunk.into_iter().zip(states).collect(),
+                read_version,
+                ticket,
+                done: Some(done),
+            });
+            unapplied.push_back(applied);
+        }
+        for applied in unapplied {
+            let _ = applied.await;
+        }
+        Ok(stats)
+    });
+    (tx, task)
+}
+
+/// Every record, read in full: SCAN, the members of each slice of tenants and their records
+/// overlap (see [`spawn_record_feed`]); the read ends once everything read is applied.
+/// What a full read did.
+struct FullScan {
+    /// The membership generation the read's result is right for, when no tenant it skipped
+    /// as another replica's is this one's since (`None`: read again).
+    settled: Option<u64>,
+}
+
 async fn full_scan(
-    ctx: &Context,
+    ctx: &Arc<Context>,
     registry: &Registry,
     known: &mut Known,
-) -> Result<ReadStats, StoreError> {
+) -> Result<FullScan, StoreError> {
     let started = Instant::now();
+    let ticket = ctx.read_ticket();
     let mut stats = ReadStats::default();
     // SCAN runs on its own connection while the tenants it found are read: the full read
     // takes about as long as the longer of the two, not their sum.
     let (tx, mut pages) = mpsc::unbounded_channel::<Vec<String>>();
     let mut scan_conn = store::conn(&ctx.pool).await?;
-    let scanner_registry = Registry::new(registry.batch());
+    let scanner_registry = registry.clone();
     let scanner = tokio::spawn(async move {
         let mut stats = ReadStats::default();
         let r = scanner_registry
@@ -323,10 +267,15 @@ async fn full_scan(
             .await;
         r.map(|()| stats)
     });
+    let feed_conn = store::conn(&ctx.pool).await?;
+    let (feed, feeder) = spawn_record_feed(Arc::clone(ctx), registry.clone(), feed_conn, ticket);
     let mut seen: HashSet<String> = HashSet::new();
+    let mut unowned: HashSet<String> = HashSet::new();
     let mut next = Known::default();
-    let mut ids: Vec<ProviderId> = Vec::new();
+    let mut listed: HashSet<ProviderId> = HashSet::new();
     let mut pending: Vec<String> = Vec::new();
+    let mut conn = store::conn(&ctx.pool).await?;
+    let mut feed_gone = false;
     loop {
         let page = pages.recv().await;
         let done = page.is_none();
@@ -335,16 +284,19 @@ async fn full_scan(
                 pending.push(t);
             }
         }
+        keep_owned(ctx, &mut pending, &mut unowned);
         if pending.len() >= TENANT_SLICE || (done && !pending.is_empty()) {
-            let mut conn = store::conn(&ctx.pool).await?;
             let discovered = registry
                 .read_members(&mut conn, &pending, &mut stats)
                 .await?;
-            drop(conn);
             let part = reconcile(known, discovered);
             let part_ids = part.ids();
-            read_and_apply(ctx, registry, &part_ids, &mut stats).await?;
-            ids.extend(part_ids);
+            listed.extend(part_ids.iter().cloned());
+            if feed.send(part_ids).is_err() {
+                // The feed failed: its error is returned below.
+                feed_gone = true;
+                break;
+            }
             next.0.extend(part.0);
             next.1.extend(part.1);
             pending.clear();
@@ -353,14 +305,48 @@ async fn full_scan(
             break;
         }
     }
+    drop(conn);
+    drop(feed);
+    let fed = match feeder.await {
+        Ok(r) => r,
+        Err(e) => Err(StoreError::Pool(format!("registry read task failed: {e}"))),
+    };
+    let read = fed?;
+    if feed_gone {
+        return Err(StoreError::Pool("registry read task ended early".into()));
+    }
+    stats.round_trips += read.round_trips;
+    stats.keys += read.keys;
     match scanner.await {
         Ok(Ok(s)) => stats.round_trips += s.round_trips,
         Ok(Err(e)) => return Err(e),
         Err(e) => return Err(StoreError::Pool(format!("registry scan task failed: {e}"))),
     }
+    // The membership may have changed during the read (a replica joining while the others
+    // read): tenants read while they were ours and no longer are go to their owner now, as
+    // strays below, not after another full read.
+    let generation = ctx.membership.generation();
+    let lost: Vec<String> = next
+        .0
+        .keys()
+        .filter(|t| !ctx.membership.owns(t))
+        .cloned()
+        .collect();
+    for t in lost {
+        if let Some(names) = next.0.remove(&t) {
+            for p in names {
+                listed.remove(&ProviderId::new(t.as_str(), p.as_str()));
+            }
+        }
+        next.1.remove(&t);
+        unowned.insert(t);
+    }
+    // A joining replica only takes tenants; a leaving one gives some: only then is another
+    // full read needed (a tenant skipped as another's is ours now).
+    let settled = (!unowned.iter().any(|t| ctx.membership.owns(t))).then_some(generation);
     let gone = gone_ids(known, &next);
-    // Fleet entries not in the registry at all (e.g. after a Redis restart without data).
-    let listed: HashSet<&ProviderId> = ids.iter().collect();
+    // Fleet entries not in the registry at all (e.g. after a Redis restart without data), and
+    // those handed over above.
     let mut stray: Vec<ProviderId> = ctx
         .fleet
         .read()
@@ -369,19 +355,21 @@ async fn full_scan(
         .filter(|id| !listed.contains(id))
         .cloned()
         .collect();
-    stray.retain(|id| !gone.contains(id));
-    remove(ctx, gone).await?;
-    remove(ctx, stray).await?;
+    let gone_set: HashSet<&ProviderId> = gone.iter().collect();
+    stray.retain(|id| !gone_set.contains(id));
+    drop(gone_set);
+    drop_ids(ctx, gone, &unowned, ticket).await?;
+    drop_ids(ctx, stray, &unowned, ticket).await?;
     *known = next;
     metrics::histogram!(m::REGISTRY_SCAN_DURATION, "kind" => "full")
         .record(started.elapsed().as_secs_f64());
     tracing::debug!(
-        providers = ids.len(),
+        providers = listed.len(),
         round_trips = stats.round_trips,
         elapsed_ms = started.elapsed().as_millis() as u64,
         "full registry scan"
     );
-    Ok(stats)
+    Ok(FullScan { settled })
 }
 
 /// Discovery plus the light fields of known records; full reads only of what changed.
@@ -391,9 +379,18 @@ async fn light_scan(
     known: &mut Known,
 ) -> Result<(), StoreError> {
     let started = Instant::now();
+    let ticket = ctx.read_ticket();
     let mut stats = ReadStats::default();
     let mut conn = store::conn(&ctx.pool).await?;
-    let discovered = registry.discover(&mut conn, &mut stats).await?;
+    let mut discovered = registry.discover(&mut conn, &mut stats).await?;
+    let mut unowned: HashSet<String> = HashSet::new();
+    discovered.retain(|t, _| {
+        let mine = ctx.membership.owns(t);
+        if !mine {
+            unowned.insert(t.clone());
+        }
+        mine
+    });
     let next = reconcile(known, discovered);
     let ids = next.ids();
     let (tracked, untracked): (Vec<ProviderId>, Vec<ProviderId>) = {
@@ -416,8 +413,8 @@ async fn light_scan(
             }
         }
     }
-    read_and_apply(ctx, registry, &changed, &mut stats).await?;
-    remove(ctx, gone_ids(known, &next)).await?;
+    read_and_apply(ctx, registry, &changed, &mut stats, ticket).await?;
+    drop_ids(ctx, gone_ids(known, &next), &unowned, ticket).await?;
     *known = next;
     metrics::histogram!(m::REGISTRY_SCAN_DURATION, "kind" => "light")
         .record(started.elapsed().as_secs_f64());
@@ -432,6 +429,7 @@ async fn targeted(
     changes: Vec<Change>,
 ) -> Result<(), StoreError> {
     let started = Instant::now();
+    let ticket = ctx.read_ticket();
     let mut stats = ReadStats::default();
     let mut tenants = BTreeSet::new();
     let mut records = BTreeSet::new();
@@ -454,6 +452,10 @@ async fn targeted(
             Change::Resync | Change::Lost | Change::Unsupported => {}
         }
     }
+    // Another replica's tenants: not ours to read (a membership change is followed by a full
+    // scan, which hands over what moved).
+    tenants.retain(|t| ctx.membership.owns(t));
+    records.retain(|id| ctx.membership.owns(&id.tenant));
     if !tenants.is_empty() {
         let list: Vec<String> = tenants.iter().cloned().collect();
         let mut conn = store::conn(&ctx.pool).await?;
@@ -475,7 +477,7 @@ async fn targeted(
         for id in after.ids() {
             records.insert(id);
         }
-        remove(ctx, gone_ids(&before, &after)).await?;
+        remove(ctx, gone_ids(&before, &after), ticket).await?;
         after_all.0.extend(after.0);
         after_all.1.extend(after.1);
         *known = after_all;
@@ -490,7 +492,7 @@ async fn targeted(
                 .is_some_and(|n| n.contains(&*id.provider))
         })
         .collect();
-    read_and_apply(ctx, registry, &ids, &mut stats).await?;
+    read_and_apply(ctx, registry, &ids, &mut stats, ticket).await?;
     metrics::histogram!(m::REGISTRY_SCAN_DURATION, "kind" => "targeted")
         .record(started.elapsed().as_secs_f64());
     Ok(())
@@ -508,6 +510,7 @@ pub fn note_redis(ctx: &Context, result: &Result<(), StoreError>) {
         Ok(()) => {
             if ctx.status.set_redis_up(true) {
                 tracing::info!("redis reachable");
+                ctx.replayer.wake();
             }
         }
         Err(e) => {
@@ -533,20 +536,22 @@ pub async fn run(ctx: Arc<Context>, cancel: CancellationToken) {
             Err(_) => false,
         };
         if enabled {
-            match redis::Client::open(cfg.redis.url.as_str()) {
-                Ok(client) => {
-                    let db = client.get_connection_info().redis_settings().db();
-                    tokio::spawn(watch::listen(client, db, tx.clone(), cancel.clone()));
-                    source = "keyspace notifications";
-                }
-                Err(e) => tracing::warn!(error = %e, "cannot open a subscriber connection"),
-            }
+            // One subscriber per master (see `watch::follow_masters`).
+            tokio::spawn(watch::follow_masters(
+                ctx.pool.clone(),
+                watch::Source::Keyspace,
+                Duration::from_millis(cfg.redis.command_timeout_ms),
+                tx.clone(),
+                cancel.clone(),
+            ));
+            source = "keyspace notifications";
         }
     }
     if source == "change scan" && cfg.registry.client_tracking == Notifications::Auto {
         let timeout = Duration::from_millis(cfg.redis.command_timeout_ms);
-        tokio::spawn(watch::track(
-            cfg.redis.url.clone(),
+        tokio::spawn(watch::follow_masters(
+            ctx.pool.clone(),
+            watch::Source::Tracking,
             timeout,
             tx.clone(),
             cancel.clone(),
@@ -560,16 +565,46 @@ pub async fn run(ctx: Arc<Context>, cancel: CancellationToken) {
         "following the registry (change scans run while no event source is live)"
     );
     let mut known = Known::default();
+    // Bad names are reported once for the life of the loop, not once per read.
+    let reported = Reported::default();
+    // Shared fleet: learn the other replicas (our first heartbeat) before the first read, so
+    // that a starting replica does not take every tenant for a moment.
+    if cfg.replica.share_fleet {
+        let ttl_ms = cfg.replica.heartbeat_ttl_secs.saturating_mul(1000);
+        let until = Instant::now() + Duration::from_secs(5);
+        while !ctx.status.heartbeat_live(ttl_ms) && Instant::now() < until {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+        }
+    }
     let mut next_full = Instant::now();
+    let mut membership = ctx.membership.generation();
     let mut next_light = Instant::now();
     let mut failures: u32 = 0;
     // An event source is running, and live: its events stand in for change scans.
     let mut listening = source != "change scan";
     let mut live = false;
     loop {
+        if !ctx.reads_trusted() {
+            // A master change is being repaired (see `crate::refresh::failover`): what the
+            // new master holds is not the registry's state yet. Read it in full once it is.
+            next_full = Instant::now();
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+            continue;
+        }
         let cfg = ctx.config();
-        let registry = Registry::new(cfg.registry.scan_batch);
+        let registry = Registry::new(cfg.registry.scan_batch).reporting_to(&reported);
         let light_every = Duration::from_secs(cfg.registry.change_scan_interval_secs);
+        if ctx.membership.generation() != membership {
+            // Tenants moved between replicas: a full read takes over and hands over.
+            membership = ctx.membership.generation();
+            next_full = Instant::now();
+        }
         let wake = next_full.min(next_light);
         tokio::select! {
             _ = cancel.cancelled() => return,
@@ -613,12 +648,15 @@ pub async fn run(ctx: Arc<Context>, cancel: CancellationToken) {
         }
         let now = Instant::now();
         let result = if now >= next_full {
-            let r = full_scan(&ctx, &registry, &mut known).await.map(|_| ());
-            if r.is_ok() {
+            let r = full_scan(&ctx, &registry, &mut known).await;
+            if let Ok(scan) = &r {
                 ctx.status.set_first_scan_done();
                 next_full = now + Duration::from_secs(cfg.registry.full_rescan_interval_secs);
+                if let Some(generation) = scan.settled {
+                    membership = generation;
+                }
             }
-            r
+            r.map(|_| ())
         } else if live {
             ping(&ctx).await
         } else {

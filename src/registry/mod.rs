@@ -7,28 +7,49 @@
 //! - [`Registry::read_light`]: only [`record::LIGHT_FIELDS`] of known records, as fingerprints;
 //! - [`Registry::read_records`]: whole records, parsed.
 //!
+//! On a Redis Cluster, SCAN runs on every master ([`crate::store::masters`]); the reads of
+//! members and records are routed per key by the Cluster connection.
+//!
+//! [`Registry::full_read`] is the overlapped full read: `SCAN` on a connection of its own
+//! while the tenants it finds are handed out slice by slice, with their members, for the
+//! caller to read their records (the daemon's full scan and the fleet benchmark).
+//!
 //! A key of the wrong Redis type never fails a batch: pipelines run with errors kept per
 //! command, and such a key becomes an invalid record (`wrong_type`).
+//!
+//! Nothing read here is trusted to be text. SCAN keys and set members are read as bytes and
+//! checked by [`keys::tenant_id`] and [`keys::provider_name`]: a bad name (SPEC 1.3 "Names")
+//! is reported once ([`Reported`]: a warning and `registry_invalid_records_total{reason=
+//! "bad_name"}`), left out, and never stops the rest of the read. Record values are bytes
+//! too, decoded only for the fields tokenwarden uses ([`record::Field`]).
 
 pub mod follow;
 pub mod record;
 pub mod watch;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::{Arc, Mutex};
+
+use crate::store::Pool;
 
 use futures_util::StreamExt;
-use redis::aio::MultiplexedConnection;
 use redis::Value;
 
-use crate::keys::{self, ProviderId};
-use crate::store::{Connection, StoreError};
-use record::{fingerprint, InvalidRecord, ProviderRecord, RecordState, LIGHT_FIELDS};
+use crate::keys::{self, BadName, ProviderId};
+use crate::store::{self, Connection, StoreError};
+use crate::telemetry::metrics as m;
+use crate::text::escape_bytes;
+use record::{fingerprint, Field, InvalidRecord, ProviderRecord, RecordState, LIGHT_FIELDS};
 
 /// Keys the server looks at per `SCAN` step (it filters them by pattern itself).
 pub const SCAN_COUNT: usize = 10_000;
 
 /// Round trips in flight at once during a registry read.
 pub const PIPELINE_DEPTH: usize = 4;
+
+/// Tenants per slice of a [`FullRead`]: their members and records are read together while
+/// `SCAN` goes on.
+pub const TENANT_SLICE: usize = 1_000;
 
 /// What a tenant's provider set held.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,15 +69,77 @@ pub struct ReadStats {
     pub keys: u64,
 }
 
+/// Most bad names remembered as reported; past it, further ones are counted in one line.
+const REPORTED_MAX: usize = 100_000;
+
+/// The bad names already reported, so that each is reported once, not on every scan. Shared
+/// by clones; keep one for the life of the follow loop.
+#[derive(Debug, Clone, Default)]
+pub struct Reported(Arc<Mutex<HashSet<Vec<u8>>>>);
+
+impl Reported {
+    /// True the first time `what` is seen.
+    fn first(&self, what: Vec<u8>) -> bool {
+        let mut set = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if set.len() >= REPORTED_MAX {
+            if !set.contains(&what) && set.insert(b"\0overflow".to_vec()) {
+                tracing::warn!(
+                    "more than {REPORTED_MAX} bad names in the registry: further ones are left out without a report"
+                );
+            }
+            return false;
+        }
+        set.insert(what)
+    }
+
+    /// Reports a bad tenant id or provider name once: one warning, one count.
+    fn bad_name(&self, tenant: &[u8], provider: Option<&[u8]>, why: BadName) {
+        let mut what = tenant.to_vec();
+        if let Some(p) = provider {
+            what.push(0);
+            what.extend_from_slice(p);
+        }
+        if !self.first(what) {
+            return;
+        }
+        metrics::counter!(m::REGISTRY_INVALID_RECORDS, "reason" => BadName::REASON).increment(1);
+        let tenant = escape_bytes(tenant);
+        match provider {
+            Some(p) => tracing::warn!(
+                tenant = %tenant,
+                provider = %escape_bytes(p),
+                reason = BadName::REASON,
+                detail = %format!("provider name {why}"),
+                "invalid_record: a provider name tokenwarden cannot serve; left out, never refreshed"
+            ),
+            None => tracing::warn!(
+                tenant = %tenant,
+                reason = BadName::REASON,
+                detail = %format!("tenant id {why}"),
+                "invalid_record: a tenant id tokenwarden cannot serve; left out, never refreshed"
+            ),
+        }
+    }
+}
+
+#[derive(Clone)]
 pub struct Registry {
     batch: usize,
+    reported: Reported,
 }
 
 impl Registry {
     pub fn new(batch: usize) -> Registry {
         Registry {
             batch: batch.max(1),
+            reported: Reported::default(),
         }
+    }
+
+    /// Reports bad names into `reported` (shared across reads), not a set of its own.
+    pub fn reporting_to(mut self, reported: &Reported) -> Registry {
+        self.reported = reported.clone();
+        self
     }
 
     /// Commands per pipelined round trip.
@@ -82,16 +165,32 @@ impl Registry {
     }
 
     /// `SCAN MATCH tenant:*:providers`, sending the tenant ids of each page as it arrives (a
-    /// tenant may come twice: SCAN guarantees every key at least once).
+    /// tenant may come twice: SCAN guarantees every key at least once). On a Cluster, SCAN
+    /// runs on every master, one after the other (each node scans only its own keys).
     pub async fn scan_tenants(
         &self,
         conn: &mut Connection,
         stats: &mut ReadStats,
         pages: &tokio::sync::mpsc::UnboundedSender<Vec<String>>,
     ) -> Result<(), StoreError> {
+        for (_, mut node) in store::masters(conn).await? {
+            if !self.scan_node(&mut node, stats, pages).await? {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// SCAN on one node; `false` when the receiver has gone.
+    async fn scan_node(
+        &self,
+        conn: &mut Connection,
+        stats: &mut ReadStats,
+        pages: &tokio::sync::mpsc::UnboundedSender<Vec<String>>,
+    ) -> Result<bool, StoreError> {
         let mut cursor: u64 = 0;
         loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
                 .arg(cursor)
                 .arg("MATCH")
                 .arg(keys::PROVIDERS_PATTERN)
@@ -102,13 +201,22 @@ impl Registry {
             stats.round_trips += 1;
             let page: Vec<String> = keys
                 .iter()
-                .filter_map(|k| keys::tenant_of_providers_key(k).map(str::to_string))
+                .filter_map(|k| {
+                    let raw = keys::tenant_part_of_providers_key(k)?;
+                    match keys::tenant_id(raw) {
+                        Ok(t) => Some(t.to_string()),
+                        Err(why) => {
+                            self.reported.bad_name(raw, None, why);
+                            None
+                        }
+                    }
+                })
                 .collect();
             if !page.is_empty() && pages.send(page).is_err() {
-                return Ok(());
+                return Ok(false);
             }
             if next == 0 {
-                return Ok(());
+                return Ok(true);
             }
             cursor = next;
         }
@@ -133,7 +241,16 @@ impl Registry {
                 members_of,
             )
             .await?;
-        Ok(tenants.iter().cloned().zip(members).collect())
+        Ok(tenants
+            .iter()
+            .zip(members)
+            .map(|(t, (members, bad))| {
+                for (name, why) in bad {
+                    self.reported.bad_name(t.as_bytes(), Some(&name), why);
+                }
+                (t.clone(), members)
+            })
+            .collect())
     }
 
     /// Pipelined `HMGET` of [`RECORD_FIELDS`] of the given records, parsed. The access token
@@ -234,7 +351,7 @@ impl Registry {
                 pipe
             })
             .collect();
-        let base: MultiplexedConnection = conn.clone();
+        let base: Connection = conn.clone();
         let batches = pipes.into_iter().map(move |pipe| {
             let mut c = base.clone();
             async move {
@@ -253,32 +370,136 @@ impl Registry {
     }
 }
 
-fn bulk_string(v: Value) -> Option<String> {
+impl Registry {
+    /// Starts the overlapped full read: `SCAN MATCH tenant:*:providers` runs in a task of its
+    /// own on a connection of its own from `pool`, while [`FullRead::next_slice`] hands out
+    /// the tenants found, [`TENANT_SLICE`] at a time, with their members. The whole read
+    /// takes about as long as the longer of SCAN and the reads, not their sum.
+    pub async fn full_read(&self, pool: &Pool) -> Result<FullRead, StoreError> {
+        let (tx, pages) = tokio::sync::mpsc::unbounded_channel::<Vec<String>>();
+        let mut scan_conn = store::conn(pool).await?;
+        let scanner_registry = Registry::new(self.batch);
+        let scanner = tokio::spawn(async move {
+            let mut stats = ReadStats::default();
+            scanner_registry
+                .scan_tenants(&mut scan_conn, &mut stats, &tx)
+                .await
+                .map(|()| stats)
+        });
+        Ok(FullRead {
+            registry: Registry::new(self.batch),
+            pool: pool.clone(),
+            pages,
+            scanner: Some(scanner),
+            seen: HashSet::new(),
+            pending: Vec::new(),
+            done: false,
+        })
+    }
+}
+
+/// An overlapped full read under way (see [`Registry::full_read`]):
+///
+/// ```ignore
+/// let mut read = registry.full_read(&pool).await?;
+/// while let Some(discovered) = read.next_slice(&mut stats).await? {
+///     // read the records of `discovered`, e.g. with `Registry::read_records`
+/// }
+/// read.finish(&mut stats).await?;
+/// ```
+pub struct FullRead {
+    registry: Registry,
+    pool: Pool,
+    pages: tokio::sync::mpsc::UnboundedReceiver<Vec<String>>,
+    scanner: Option<tokio::task::JoinHandle<Result<ReadStats, StoreError>>>,
+    /// Tenants handed out or pending: SCAN may return a key more than once.
+    seen: HashSet<String>,
+    pending: Vec<String>,
+    done: bool,
+}
+
+impl FullRead {
+    /// The next slice of tenants not handed out before, each with its provider names (one
+    /// pipelined `SMEMBERS` read on a pool connection, counted in `stats`); `None` once SCAN
+    /// has finished and every tenant it found was handed out. A SCAN error shows here or in
+    /// [`FullRead::finish`].
+    pub async fn next_slice(
+        &mut self,
+        stats: &mut ReadStats,
+    ) -> Result<Option<Discovery>, StoreError> {
+        while !self.done && self.pending.len() < TENANT_SLICE {
+            match self.pages.recv().await {
+                Some(page) => {
+                    for t in page {
+                        if self.seen.insert(t.clone()) {
+                            self.pending.push(t);
+                        }
+                    }
+                }
+                None => self.done = true,
+            }
+        }
+        if self.pending.is_empty() {
+            return Ok(None);
+        }
+        let take = self.pending.len().min(TENANT_SLICE);
+        let slice: Vec<String> = self.pending.drain(..take).collect();
+        let mut conn = store::conn(&self.pool).await?;
+        let discovered = self.registry.read_members(&mut conn, &slice, stats).await?;
+        Ok(Some(discovered))
+    }
+
+    /// Waits for SCAN to end and adds its round trips to `stats`; its error if it failed.
+    pub async fn finish(mut self, stats: &mut ReadStats) -> Result<(), StoreError> {
+        let Some(scanner) = self.scanner.take() else {
+            return Ok(());
+        };
+        // Tenants not handed out are dropped: the caller stopped early.
+        self.pages.close();
+        match scanner.await {
+            Ok(Ok(s)) => {
+                stats.round_trips += s.round_trips;
+                Ok(())
+            }
+            Ok(Err(e)) => Err(e),
+            Err(e) => Err(StoreError::Pool(format!("registry scan task failed: {e}"))),
+        }
+    }
+}
+
+/// The bytes of a string answer; `None` for anything else (nil, an error, an array).
+fn bulk_bytes(v: Value) -> Option<Vec<u8>> {
     match v {
-        Value::BulkString(b) => String::from_utf8(b).ok(),
-        Value::SimpleString(s) => Some(s),
+        Value::BulkString(b) => Some(b),
+        Value::SimpleString(s) => Some(s.into_bytes()),
+        Value::VerbatimString { text, .. } => Some(text.into_bytes()),
         _ => None,
     }
 }
 
-fn members_of(v: Value) -> Members {
+/// A SMEMBERS answer: the good names, and the bad ones with why.
+fn members_of(v: Value) -> (Members, Vec<(Vec<u8>, BadName)>) {
     let items = match v {
         Value::Array(items) => items,
         Value::Set(items) => items,
         Value::Nil => Vec::new(),
-        _ => return Members::WrongType,
+        _ => return (Members::WrongType, Vec::new()),
     };
-    Members::Names(
-        items
-            .into_iter()
-            .filter_map(bulk_string)
-            .filter(|n| !n.is_empty() && !n.contains(':'))
-            .collect(),
-    )
+    let mut names = BTreeSet::new();
+    let mut bad = Vec::new();
+    for raw in items.into_iter().filter_map(bulk_bytes) {
+        match keys::provider_name(&raw) {
+            Ok(name) => {
+                names.insert(name.to_string());
+            }
+            Err(why) => bad.push((raw, why)),
+        }
+    }
+    (Members::Names(names), bad)
 }
 
 /// Every record field tokenwarden reads, `access_token` last.
-const RECORD_FIELDS_AND_TOKEN: [&str; 18] = [
+pub const RECORD_FIELDS_AND_TOKEN: [&str; 25] = [
     "provider_type",
     "status",
     "auth_type",
@@ -296,6 +517,13 @@ const RECORD_FIELDS_AND_TOKEN: [&str; 18] = [
     "token_auth_method",
     "grant_type",
     "health_path",
+    "jwt_assertion",
+    "personal_access_token",
+    "certificate_key",
+    "certificate_thumbprint",
+    "api_key",
+    "client_secret_expires_at",
+    "certificate_pem",
     "access_token",
 ];
 
@@ -316,17 +544,20 @@ pub fn parse_fields_value(v: Value, fields: &[&str]) -> RecordState {
         }
         _ => return wrong("wrong_type", "the record key is not a hash"),
     };
-    let mut pairs = Vec::with_capacity(fields.len());
-    for (name, value) in fields.iter().zip(items) {
-        match value {
-            Value::Nil => {}
-            other => match bulk_string(other) {
-                Some(s) => pairs.push((name.to_string(), s)),
-                None => return wrong("bad_encoding", "a field or value is not UTF-8 text"),
-            },
-        }
-    }
-    ProviderRecord::parse(&pairs)
+    let values: Vec<Option<Vec<u8>>> = items.into_iter().map(bulk_bytes).collect();
+    let present = values.iter().any(Option::is_some);
+    // Each value checked for UTF-8 once, however often the parser asks for it.
+    let parsed: Vec<Field<'_>> = values
+        .iter()
+        .map(|v| Field::of_bytes(v.as_deref()))
+        .collect();
+    ProviderRecord::parse_with(present, |name| {
+        fields
+            .iter()
+            .position(|f| *f == name)
+            .and_then(|i| parsed.get(i).copied())
+            .unwrap_or(Field::Missing)
+    })
 }
 
 /// An invalid record that has no fields to fingerprint.
@@ -362,21 +593,29 @@ pub fn parse_record_value(v: Value) -> RecordState {
         }
         _ => return wrong("wrong_type", "the record key is not a hash"),
     };
-    let mut fields = Vec::with_capacity(pairs.len());
+    // Only the fields tokenwarden uses are looked at: a field name or value that is not UTF-8
+    // elsewhere in the hash (`created_at`, an extra field) changes nothing.
+    let mut fields: Vec<(Vec<u8>, Vec<u8>)> = Vec::with_capacity(pairs.len());
     for (k, v) in pairs {
-        match (bulk_string(k), bulk_string(v)) {
-            (Some(k), Some(v)) => fields.push((k, v)),
-            _ => return wrong("bad_encoding", "a field or value is not UTF-8 text"),
+        if let (Some(k), Some(v)) = (bulk_bytes(k), bulk_bytes(v)) {
+            fields.push((k, v));
         }
     }
-    ProviderRecord::parse(&fields)
+    ProviderRecord::parse_with(!fields.is_empty(), |name| {
+        Field::of_bytes(
+            fields
+                .iter()
+                .find(|(k, _)| k.as_slice() == name.as_bytes())
+                .map(|(_, v)| v.as_slice()),
+        )
+    })
 }
 
 fn light_fingerprint(v: Value) -> u64 {
     let Value::Array(items) = v else {
         return wrong_type_fingerprint();
     };
-    let values: Vec<Option<String>> = items.into_iter().map(bulk_string).collect();
+    let values: Vec<Option<Vec<u8>>> = items.into_iter().map(bulk_bytes).collect();
     fingerprint(values.iter().map(|v| v.as_deref()))
 }
 

@@ -4,15 +4,17 @@
 //! serve into an [`InvalidRecord`] with a metric-safe reason label and a detail that never
 //! contains a secret. Secrets are held in [`Secret`]s from here on.
 
-use std::hash::{Hash, Hasher};
+use std::hash::Hasher;
 
-use crate::catalog::{Catalog, Overrides, ResolveError, TokenEndpoint};
+use chrono::{DateTime, Utc};
+
+use crate::catalog::{Catalog, Overrides, Probe, ResolveError, TokenEndpoint};
 use crate::secret::Secret;
 use crate::timestamp::{self, Timestamp};
 
 /// The fields the light change scan reads (`HMGET`): a change in any of them means the
 /// record must be read again in full.
-pub const LIGHT_FIELDS: [&str; 7] = [
+pub const LIGHT_FIELDS: [&str; 13] = [
     "status",
     "provider_type",
     "client_id",
@@ -20,7 +22,36 @@ pub const LIGHT_FIELDS: [&str; 7] = [
     "refresh_token",
     "token_expiry",
     "updated_at",
+    // Credentials of the other grants: a re-authorised record changes one of them.
+    "auth_type",
+    "jwt_assertion",
+    "personal_access_token",
+    "certificate_thumbprint",
+    "api_key",
+    "client_secret_expires_at",
 ];
+
+/// Credentials besides the client secret and refresh token (SPEC 1.3 optional fields).
+#[derive(Debug, Clone, Default)]
+pub struct Credentials {
+    /// RingCentral JWT credential (the `jwt_bearer` grant's `assertion`).
+    pub jwt_assertion: Secret,
+    /// GoTo personal access token.
+    pub personal_access_token: Secret,
+    /// `auth_type=certificate`: the PEM private key that signs the client assertion.
+    pub certificate_key: Secret,
+    /// The certificate's SHA-1 thumbprint, 20 bytes (from the record's hex).
+    pub certificate_thumbprint: Vec<u8>,
+    /// `auth_type=api_key`: the key the probe carries.
+    pub api_key: Secret,
+}
+
+/// When a credential a human must renew expires (`credential` label of the gauge).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CredentialExpiry {
+    pub credential: &'static str,
+    pub at: DateTime<Utc>,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AuthType {
@@ -53,6 +84,14 @@ pub struct ProviderRecord {
     pub token_auth_method: Option<String>,
     pub grant_type: Option<String>,
     pub health_path: Option<String>,
+    pub credentials: Credentials,
+    /// From `client_secret_expires_at` and the `certificate_pem`'s notAfter.
+    pub credential_expiry: Vec<CredentialExpiry>,
+    /// Raw values of the light fields after `updated_at`, for [`Self::fingerprint_after_write`].
+    light_extra: [Option<String>; 6],
+    /// `access_token` is present but not UTF-8: health probes skip this record (it is still
+    /// refreshed, which replaces the value).
+    pub access_token_unreadable: bool,
     /// Fingerprint of [`LIGHT_FIELDS`]: what change detection compares.
     pub fingerprint: u64,
 }
@@ -110,14 +149,48 @@ impl RecordState {
     }
 }
 
-/// Fingerprint of the light fields, in [`LIGHT_FIELDS`] order (missing = empty).
-pub fn fingerprint<'a>(values: impl IntoIterator<Item = Option<&'a str>>) -> u64 {
+/// Fingerprint of the light fields, in [`LIGHT_FIELDS`] order (missing = empty). Values are
+/// hashed as bytes, so a value that is not UTF-8 has a stable fingerprint too.
+pub fn fingerprint<'a, V: AsRef<[u8]> + ?Sized + 'a>(
+    values: impl IntoIterator<Item = Option<&'a V>>,
+) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     for v in values {
-        v.unwrap_or("").hash(&mut h);
-        0xffu8.hash(&mut h);
+        h.write(v.map_or(&[][..], AsRef::as_ref));
+        h.write_u8(0xff);
     }
     h.finish()
+}
+
+/// One field of a record as Redis gave it. Values are decoded only for the fields
+/// tokenwarden uses, so a value that is not UTF-8 in a field it does not use (`created_at`,
+/// an extra field) changes nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Field<'a> {
+    Missing,
+    Text(&'a str),
+    /// Present, not UTF-8.
+    NotUtf8(&'a [u8]),
+}
+
+impl<'a> Field<'a> {
+    pub fn of_bytes(raw: Option<&'a [u8]>) -> Field<'a> {
+        match raw {
+            None => Field::Missing,
+            Some(b) => match std::str::from_utf8(b) {
+                Ok(s) => Field::Text(s),
+                Err(_) => Field::NotUtf8(b),
+            },
+        }
+    }
+
+    fn bytes(self) -> Option<&'a [u8]> {
+        match self {
+            Field::Missing => None,
+            Field::Text(s) => Some(s.as_bytes()),
+            Field::NotUtf8(b) => Some(b),
+        }
+    }
 }
 
 fn non_empty(v: Option<&str>) -> Option<&str> {
@@ -131,10 +204,28 @@ impl ProviderRecord {
             fields
                 .iter()
                 .find(|(k, _)| k == name)
-                .map(|(_, v)| v.as_str())
+                .map_or(Field::Missing, |(_, v)| Field::Text(v.as_str()))
         };
-        let fp = fingerprint(LIGHT_FIELDS.iter().map(|f| get(f)));
-        if fields.is_empty() {
+        Self::parse_with(!fields.is_empty(), get)
+    }
+
+    /// Parses a record whose fields `field` looks up by name; `present` is false when the
+    /// record has no field at all. A used field that is not UTF-8 makes the record invalid
+    /// (`bad_encoding`, naming the field), except `access_token` (see
+    /// [`ProviderRecord::access_token_unreadable`]).
+    pub fn parse_with<'a>(present: bool, field: impl Fn(&str) -> Field<'a>) -> RecordState {
+        let fp = fingerprint(LIGHT_FIELDS.iter().map(|f| field(f).bytes()));
+        let not_utf8 = |names: &[&'static str]| {
+            names
+                .iter()
+                .copied()
+                .find(|name| matches!(field(name), Field::NotUtf8(_)))
+        };
+        let get = |name: &str| match field(name) {
+            Field::Text(s) => Some(s),
+            Field::Missing | Field::NotUtf8(_) => None,
+        };
+        if !present {
             return RecordState::Invalid {
                 error: InvalidRecord::new(
                     "missing_record",
@@ -147,6 +238,10 @@ impl ProviderRecord {
             error: InvalidRecord::new(reason, detail),
             fingerprint: fp,
         };
+        // These two first: an inactive record is not validated further.
+        if let Some(name) = not_utf8(&["provider_type", "status"]) {
+            return invalid("bad_encoding", format!("{name} is not UTF-8 text"));
+        }
         let provider_type = match non_empty(get("provider_type")) {
             Some(t) => t.to_string(),
             None => return invalid("missing_field", "provider_type is missing".into()),
@@ -166,6 +261,9 @@ impl ProviderRecord {
                 return invalid("bad_status", "status is neither active nor inactive".into())
             }
             None => return invalid("missing_field", "status is missing".into()),
+        }
+        if let Some(name) = not_utf8(super::RECORD_FIELDS) {
+            return invalid("bad_encoding", format!("{name} is not UTF-8 text"));
         }
         let auth_type = match non_empty(get("auth_type"))
             .map(str::to_ascii_lowercase)
@@ -223,6 +321,70 @@ impl ProviderRecord {
             },
         };
         let owned = |name: &str| non_empty(get(name)).map(str::to_string);
+        let secret = |name: &str| Secret::new(non_empty(get(name)).unwrap_or(""));
+        let mut credentials = Credentials {
+            jwt_assertion: secret("jwt_assertion"),
+            personal_access_token: secret("personal_access_token"),
+            certificate_key: secret("certificate_key"),
+            certificate_thumbprint: Vec::new(),
+            api_key: secret("api_key"),
+        };
+        match auth_type {
+            AuthType::Certificate => {
+                if credentials.certificate_key.is_empty() {
+                    return invalid(
+                        "missing_field",
+                        "auth_type certificate needs certificate_key".into(),
+                    );
+                }
+                if jsonwebtoken::EncodingKey::from_rsa_pem(
+                    credentials.certificate_key.expose().as_bytes(),
+                )
+                .is_err()
+                {
+                    return invalid(
+                        "bad_certificate_key",
+                        "certificate_key is not a PEM RSA private key".into(),
+                    );
+                }
+                match non_empty(get("certificate_thumbprint")).map(hex_bytes) {
+                    Some(Some(t)) if t.len() == 20 => credentials.certificate_thumbprint = t,
+                    Some(_) => {
+                        return invalid(
+                            "bad_certificate_thumbprint",
+                            "certificate_thumbprint is not 40 hex digits (a SHA-1 thumbprint)"
+                                .into(),
+                        )
+                    }
+                    None => {
+                        return invalid(
+                            "missing_field",
+                            "auth_type certificate needs certificate_thumbprint".into(),
+                        )
+                    }
+                }
+            }
+            AuthType::ApiKey if credentials.api_key.is_empty() => {
+                return invalid("missing_field", "auth_type api_key needs api_key".into())
+            }
+            _ => {}
+        }
+        // Informational: an unreadable value gives no gauge, and never stops refreshes.
+        let mut credential_expiry = Vec::new();
+        if let Some(at) =
+            non_empty(get("client_secret_expires_at")).and_then(|v| timestamp::parse(v).ok())
+        {
+            credential_expiry.push(CredentialExpiry {
+                credential: "client_secret",
+                at: at.at,
+            });
+        }
+        if let Some(at) = non_empty(get("certificate_pem")).and_then(certificate_not_after) {
+            credential_expiry.push(CredentialExpiry {
+                credential: "certificate",
+                at,
+            });
+        }
         RecordState::Valid(Box::new(ProviderRecord {
             provider_type,
             status: get("status").unwrap_or("").to_string(),
@@ -242,6 +404,18 @@ impl ProviderRecord {
             token_auth_method: owned("token_auth_method"),
             grant_type: owned("grant_type"),
             health_path: owned("health_path"),
+            credentials,
+            credential_expiry,
+            light_extra: [
+                "auth_type",
+                "jwt_assertion",
+                "personal_access_token",
+                "certificate_thumbprint",
+                "api_key",
+                "client_secret_expires_at",
+            ]
+            .map(|f| get(f).map(str::to_string)),
+            access_token_unreadable: matches!(field("access_token"), Field::NotUtf8(_)),
             fingerprint: fp,
         }))
     }
@@ -254,30 +428,57 @@ impl ProviderRecord {
             health_path: self.health_path.as_deref(),
             account_key: &self.account_key,
             api_base_url: &self.api_base_url,
+            client_id: &self.client_id,
             has_refresh_token: !self.refresh_token.is_empty(),
+            has_jwt_assertion: !self.credentials.jwt_assertion.is_empty(),
+            has_personal_access_token: !self.credentials.personal_access_token.is_empty(),
+            certificate: self.auth_type == AuthType::Certificate,
         }
     }
 
-    /// The token endpoint for this record, or why it cannot be refreshed.
+    /// `auth_type=api_key`: nothing to refresh, the record is only probed.
+    pub fn probe_only(&self) -> bool {
+        self.auth_type == AuthType::ApiKey
+    }
+
+    /// The token endpoint for this record, or why it cannot be refreshed. A probe-only
+    /// record (`api_key`) has none; it is still checked against the catalog.
     pub fn endpoint(&self, catalog: &Catalog) -> Result<TokenEndpoint, InvalidRecord> {
-        match self.auth_type {
-            AuthType::OAuth => {}
-            AuthType::Certificate => {
-                return Err(InvalidRecord::new(
-                    "unsupported_auth_type",
-                    "auth_type certificate is not supported yet",
-                ))
-            }
-            AuthType::ApiKey => {
-                return Err(InvalidRecord::new(
-                    "unsupported_auth_type",
+        if self.probe_only() {
+            return match catalog.get(&self.provider_type) {
+                None => Err(InvalidRecord::from_resolve(
+                    &ResolveError::UnknownProviderType,
+                )),
+                Some(_) => Err(InvalidRecord::new(
+                    "probe_only",
                     "auth_type api_key has no token to refresh",
-                ))
-            }
+                )),
+            };
         }
         catalog
             .resolve(&self.provider_type, &self.overrides())
             .map_err(|e| InvalidRecord::from_resolve(&e))
+    }
+
+    /// The endpoint of the one attempt with the fallback grant (a refused refresh token).
+    pub fn fallback_endpoint(&self, catalog: &Catalog) -> Result<TokenEndpoint, InvalidRecord> {
+        catalog
+            .resolve_fallback(&self.provider_type, &self.overrides())
+            .map_err(|e| InvalidRecord::from_resolve(&e))
+    }
+
+    /// Can this record be served at all: a token endpoint, or a probe-only catalog entry.
+    pub fn servable(&self, catalog: &Catalog) -> Result<(), InvalidRecord> {
+        match self.endpoint(catalog) {
+            Ok(_) => Ok(()),
+            Err(e) if e.reason == "probe_only" => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The health probe of this record, if the catalog or the record gives one.
+    pub fn probe(&self, catalog: &Catalog) -> Option<Probe> {
+        catalog.probe(&self.provider_type, &self.overrides())
     }
 
     /// Fingerprint of this record once `written` light fields replaced the old ones.
@@ -288,6 +489,7 @@ impl ProviderRecord {
         updated_at: &str,
     ) -> u64 {
         let status = "active";
+        let [auth_type, jwt, pat, thumb, key, secret_exp] = &self.light_extra;
         fingerprint([
             Some(status),
             Some(self.provider_type.as_str()),
@@ -296,8 +498,38 @@ impl ProviderRecord {
             Some(refresh_token),
             Some(token_expiry),
             Some(updated_at),
+            auth_type.as_deref(),
+            jwt.as_deref(),
+            pat.as_deref(),
+            thumb.as_deref(),
+            key.as_deref(),
+            secret_exp.as_deref(),
         ])
     }
+}
+
+/// Bytes of a hex string (`:` and spaces allowed between pairs, as some tools print them).
+fn hex_bytes(s: &str) -> Option<Vec<u8>> {
+    let digits: Vec<u8> = s.bytes().filter(|b| !matches!(b, b':' | b' ')).collect();
+    if digits.len() % 2 != 0 {
+        return None;
+    }
+    digits
+        .chunks(2)
+        .map(|pair| {
+            let text = std::str::from_utf8(pair).ok()?;
+            u8::from_str_radix(text, 16).ok()
+        })
+        .collect()
+}
+
+/// The notAfter of a PEM X.509 certificate.
+pub fn certificate_not_after(pem: &str) -> Option<DateTime<Utc>> {
+    use x509_cert::der::DecodePem;
+    let cert = x509_cert::Certificate::from_pem(pem.trim().as_bytes()).ok()?;
+    let not_after = cert.tbs_certificate.validity.not_after.to_unix_duration();
+    let secs = i64::try_from(not_after.as_secs()).ok()?;
+    DateTime::from_timestamp(secs, 0)
 }
 
 #[cfg(test)]

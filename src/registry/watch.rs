@@ -7,6 +7,12 @@
 //!   PREFIX tenant:` on a RESP3 connection (Redis 6 and later, no server setting needed)
 //!   makes the server push the name of every `tenant:` key that changes.
 //!
+//! Both are per node: [`follow_masters`] runs one source on every master (the one node, the
+//! Sentinels' current master, or each master of a Cluster), re-reads the masters every
+//! [`NODES_EVERY`] and after a master change (slot moves, failovers), and merges what they
+//! report: [`Change::Resync`] once every master's source is live, [`Change::Lost`] as soon
+//! as one is not.
+//!
 //! Each key becomes a [`Change`] for the registry follower. An established source sends
 //! [`Change::Resync`] (events may have been missed before), a lost one [`Change::Lost`] (the
 //! follower falls back to change scans until it is back), and a source the server refuses
@@ -19,7 +25,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::keys::{self, KeyKind, ProviderId};
-use crate::store::{Connection, StoreError};
+use crate::store::{self, Connection, Pool, StoreError};
 
 /// Something changed in the registry.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,15 +42,158 @@ pub enum Change {
     Unsupported,
 }
 
+/// How often [`follow_masters`] re-reads the list of masters.
+pub const NODES_EVERY: Duration = Duration::from_secs(10);
+
+/// Which event source [`follow_masters`] runs on each master.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Keyspace,
+    Tracking,
+}
+
+/// Runs `source` on every master of `pool` until cancelled (see the module docs).
+pub async fn follow_masters(
+    pool: Pool,
+    source: Source,
+    timeout: Duration,
+    tx: mpsc::Sender<Change>,
+    cancel: CancellationToken,
+) {
+    use std::collections::{BTreeMap, BTreeSet};
+    let (node_tx, mut node_rx) = mpsc::channel::<(String, Change)>(4096);
+    let mut running: BTreeMap<String, CancellationToken> = BTreeMap::new();
+    let mut live: BTreeSet<String> = BTreeSet::new();
+    let mut all_live = false;
+    let mut failovers = store::master_changes(&pool);
+    let mut every = tokio::time::interval(NODES_EVERY);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = every.tick() => {}
+            changed = async {
+                match failovers.as_mut() {
+                    Some(rx) => rx.changed().await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            } => {
+                if !changed {
+                    failovers = None;
+                }
+            }
+            msg = node_rx.recv() => {
+                let Some((node, change)) = msg else { break };
+                if !running.contains_key(&node) {
+                    continue;
+                }
+                match change {
+                    Change::Resync => { live.insert(node); }
+                    Change::Lost => { live.remove(&node); }
+                    Change::Unsupported => {
+                        let _ = tx.send(Change::Unsupported).await;
+                        break;
+                    }
+                    other => {
+                        if tx.send(other).await.is_err() {
+                            break;
+                        }
+                        continue;
+                    }
+                }
+                let now = !running.is_empty() && running.keys().all(|n| live.contains(n));
+                if now != all_live {
+                    all_live = now;
+                    let c = if now { Change::Resync } else { Change::Lost };
+                    if tx.send(c).await.is_err() {
+                        break;
+                    }
+                }
+                continue;
+            }
+        }
+        let resp3 = source == Source::Tracking;
+        let nodes = match store::event_clients(&pool, resp3).await {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::debug!(error = %e, "masters for change events not known yet");
+                continue;
+            }
+        };
+        let names: BTreeSet<String> = nodes.iter().map(|(n, _)| n.clone()).collect();
+        let before = running.len();
+        running.retain(|n, stop| {
+            let keep = names.contains(n);
+            if !keep {
+                stop.cancel();
+            }
+            keep
+        });
+        live.retain(|n| running.contains_key(n));
+        let mut added = false;
+        for (name, client) in nodes {
+            if running.contains_key(&name) {
+                continue;
+            }
+            added = true;
+            let stop = cancel.child_token();
+            running.insert(name.clone(), stop.clone());
+            let (one_tx, mut one_rx) = mpsc::channel::<Change>(1024);
+            let fwd = node_tx.clone();
+            let label = name.clone();
+            tokio::spawn(async move {
+                while let Some(c) = one_rx.recv().await {
+                    if fwd.send((label.clone(), c)).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            match source {
+                Source::Keyspace => {
+                    let db = client.get_connection_info().redis_settings().db();
+                    tokio::spawn(listen(client, db, one_tx, stop));
+                }
+                Source::Tracking => {
+                    tokio::spawn(track(client, timeout, one_tx, stop));
+                }
+            }
+        }
+        if (added || running.len() != before) && all_live {
+            // A new master (slot moves, a failover) is not live yet: events may be missed.
+            all_live = false;
+            if tx.send(Change::Lost).await.is_err() {
+                break;
+            }
+        }
+    }
+    for stop in running.values() {
+        stop.cancel();
+    }
+}
+
 /// Whether the server sends the keyspace events tokenwarden needs: keyspace (`K`) channel
 /// events for hashes (`h`), sets (`s`) and generic commands (`g`, for DEL and EXPIRE), or `A`.
+/// A user without `CONFIG` (least privilege: NOPERM) counts as "off". On a Cluster every
+/// master must have them on.
 pub async fn notifications_enabled(conn: &mut Connection) -> Result<bool, StoreError> {
-    let answer: Vec<String> = redis::cmd("CONFIG")
-        .arg("GET")
-        .arg("notify-keyspace-events")
-        .query_async(conn)
-        .await?;
-    Ok(answer.get(1).is_some_and(|flags| flags_suffice(flags)))
+    for (_, mut node) in store::masters(conn).await? {
+        let answer: Vec<String> = match redis::cmd("CONFIG")
+            .arg("GET")
+            .arg("notify-keyspace-events")
+            .query_async(&mut node)
+            .await
+        {
+            Ok(a) => a,
+            Err(e) if e.code().is_some() => {
+                tracing::info!(error = %e, "CONFIG GET refused: keyspace notifications taken as off");
+                return Ok(false);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if !answer.get(1).is_some_and(|flags| flags_suffice(flags)) {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 fn flags_suffice(flags: &str) -> bool {
@@ -131,6 +280,7 @@ fn change_of_key(key: &str) -> Option<Change> {
 }
 
 /// `url` asking for RESP3, which carries invalidation pushes on the same connection.
+#[cfg(test)]
 fn resp3_url(url: &str) -> String {
     if url.contains("protocol=") {
         return url.to_string();
@@ -143,7 +293,7 @@ fn resp3_url(url: &str) -> String {
 /// re-establishing a lost connection. Sends [`Change::Unsupported`] and returns if the
 /// server refuses tracking.
 pub async fn track(
-    url: String,
+    client: redis::Client,
     timeout: Duration,
     tx: mpsc::Sender<Change>,
     cancel: CancellationToken,
@@ -152,7 +302,6 @@ pub async fn track(
     loop {
         let (push_tx, mut pushes) = mpsc::unbounded_channel::<redis::PushInfo>();
         let setup = async {
-            let client = redis::Client::open(resp3_url(&url))?;
             let config = redis::AsyncConnectionConfig::new()
                 .set_connection_timeout(Some(timeout))
                 .set_response_timeout(Some(timeout))

@@ -4,7 +4,16 @@
 //! Nothing logged may carry a secret: secrets are [`crate::secret::Secret`]s, whose `Debug`
 //! is `[redacted]`, and errors are built from codes and descriptions, never from request
 //! bodies.
+//!
+//! One event is one line: in text logs every field and message is written through
+//! [`crate::text::escape_control`], so a tenant id with a newline cannot forge a second line
+//! (JSON logs escape control characters as JSON does).
 
+use std::fmt::Write as _;
+
+use tracing::field::Field;
+use tracing_subscriber::field::MakeExt;
+use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{fmt, reload, EnvFilter, Registry};
@@ -39,8 +48,30 @@ pub fn init(level: &str, format: LogFormat) -> LogHandle {
             )
             .try_init(),
         LogFormat::Text => registry
-            .with(fmt::layer().with_ansi(false).with_writer(std::io::stdout))
+            .with(
+                fmt::layer()
+                    .with_ansi(false)
+                    .fmt_fields(escaped_fields())
+                    .with_writer(std::io::stdout),
+            )
             .try_init(),
     };
     LogHandle(installed.ok().map(|_| handle))
+}
+
+/// Text-log fields as `name=value`, the message bare, control characters escaped.
+fn escaped_fields() -> impl for<'w> fmt::FormatFields<'w> + Send + Sync + 'static {
+    fmt::format::debug_fn(
+        |w: &mut Writer<'_>, field: &Field, value: &dyn std::fmt::Debug| {
+            let mut rendered = String::new();
+            let _ = write!(rendered, "{value:?}");
+            let rendered = crate::text::escape_control(&rendered);
+            if field.name() == "message" {
+                w.write_str(&rendered)
+            } else {
+                write!(w, "{}={}", field.name(), rendered)
+            }
+        },
+    )
+    .delimited(" ")
 }

@@ -16,17 +16,27 @@
 //! Faults are switched per client (`fail_503`, `rate_limit` + `retry_after`, `delay_ms`,
 //! `revoked`, `invalid_client`) and globally (`POST /mode {"delay_ms": D}`).
 //!
-//! Run `tokenwarden-fake-provider [--listen 127.0.0.1:0] [--ttl SECS]`: the first line on
-//! stdout is the bound port alone; then it serves until killed.
+//! Hostile answers, per client, for tokenwarden's hostile-input tests (see "Hostile answers"
+//! below): `expires_in_raw` (any JSON value, sent as `expires_in` verbatim: `1e13`, `"3600"`,
+//! `-5`, ...) and `echo_secrets` (an error code: every token call is answered `400` with that
+//! code and an `error_description` that echoes the request body, its `Authorization` header,
+//! the client secret and the client's seeded access token).
+//!
+//! Run `tokenwarden-fake-provider [--listen 127.0.0.1:0] [--ttl SECS]` (it is a Cargo example:
+//! `cargo run --example tokenwarden-fake-provider -- --ttl 20`): the first line on stdout is
+//! the bound port alone; then it serves until killed.
 //!
 //! Endpoints, all answering JSON:
 //! - `POST /token`: `grant_type=refresh_token|client_credentials|account_credentials`.
 //! - `POST /seed`, `POST /seed-bulk {"clients": [...]}`: register or update clients.
 //! - `POST /faults {"client_id": .., fault: value, ..}`: switch a client's faults.
 //! - `POST /mode {"delay_ms": D}`: delay every token answer.
-//! - `POST /verify {"pairs": [[refresh, access], ..]}`: how many are alive / live.
+//! - `POST /verify {"pairs": [[refresh, access], ..]}`: how many are alive / live, and each.
 //! - `GET /stats[?summary=1]`: counters, and per client unless `summary`.
 //! - `GET /api/*`: 200 with a live `Authorization: Bearer` access token, else 401.
+//! - `GET /api/{goto,teams,ringcentral,zoom}/...`, `POST /dir/seed`, `POST /dir/faults`,
+//!   `GET /dir/stats`: the providers' directory APIs, paged in each one's style
+//!   (`directory.rs`).
 //!
 //! One `Mutex` guards all state; it is never held across an `.await`.
 
@@ -48,6 +58,8 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use serde_json::{json, Map, Value};
 use tokio::net::TcpListener;
+
+mod directory;
 
 /// Largest `/token` body accepted.
 const TOKEN_BODY_LIMIT: usize = 64 * 1024;
@@ -105,6 +117,8 @@ struct Faults {
 #[derive(Clone, Debug, Default)]
 struct ClientStats {
     calls: u64,
+    /// Token requests of this client being answered now.
+    in_flight: u64,
     refresh_ok: u64,
     cc_ok: u64,
     invalid_grant: u64,
@@ -124,6 +138,7 @@ struct Client {
     faults: Faults,
     stats: ClientStats,
     live_refresh_token: Option<String>,
+    hostile: Hostile,
 }
 
 impl Client {
@@ -139,6 +154,7 @@ impl Client {
             faults: Faults::default(),
             stats: ClientStats::default(),
             live_refresh_token: None,
+            hostile: Hostile::default(),
         }
     }
 }
@@ -228,6 +244,8 @@ impl State {
 
 struct Shared {
     state: Mutex<State>,
+    /// The directory APIs (`directory.rs`), apart from the token state.
+    dir: Mutex<directory::Directory>,
 }
 
 impl Shared {
@@ -244,12 +262,16 @@ impl Shared {
 struct InFlight {
     shared: Arc<Shared>,
     refresh_token: Option<String>,
+    client_id: String,
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
         let mut state = self.shared.lock();
         state.counters.in_flight = state.counters.in_flight.saturating_sub(1);
+        if let Some(c) = state.clients.get_mut(self.client_id.as_str()) {
+            c.stats.in_flight = c.stats.in_flight.saturating_sub(1);
+        }
         if let Some(rt) = self.refresh_token.take() {
             if let Some(n) = state.rt_in_flight.get_mut(&rt) {
                 *n -= 1;
@@ -415,6 +437,11 @@ enum Grant {
 async fn token(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
     let form_ok = is_form_content_type(req.headers());
     let basic = basic_credentials(req.headers());
+    let basic_header = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     let body = match Limited::new(req.into_body(), TOKEN_BODY_LIMIT)
         .collect()
         .await
@@ -507,6 +534,7 @@ async fn token(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
         let client_delay = match state.clients.get_mut(client_id) {
             Some(client) => {
                 client.stats.calls += 1;
+                client.stats.in_flight += 1;
                 client.faults.delay_ms
             }
             None => 0,
@@ -516,9 +544,14 @@ async fn token(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
     let _in_flight = InFlight {
         shared: Arc::clone(&shared),
         refresh_token: refresh_token.map(str::to_owned),
+        client_id: client_id.to_string(),
     };
     if delay_ms > 0 {
         tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+    }
+
+    if let Some(resp) = hostile_echo(&shared, client_id, &body, basic_header.as_deref()) {
+        return resp;
     }
 
     // Phase 2: decide, atomically: of two requests with the same refresh token the first to
@@ -650,6 +683,7 @@ fn decide(
         }
     };
     let omit_expires_in = client.omit_expires_in;
+    let hostile_expires_in = client.hostile.expires_in_raw.clone();
     let refresh_token_expires_in = client.refresh_token_expires_in.clone();
     let owner = Arc::clone(&client.id);
     let access_token = state.issue_access_token(lifetime);
@@ -659,6 +693,7 @@ fn decide(
     if !omit_expires_in {
         body.insert("expires_in".into(), Value::from(lifetime));
     }
+    hostile_expires_in_answer(&mut body, hostile_expires_in);
     if rotate {
         let rt = state.mint("rt");
         state.refresh.insert(
@@ -787,6 +822,12 @@ fn apply_options(client: &mut Client, obj: &Map<String, Value>) -> Result<(), St
     Ok(())
 }
 
+/// Applies the options of every kind in `obj`.
+fn apply_all_options(client: &mut Client, obj: &Map<String, Value>) -> Result<(), String> {
+    apply_options(client, obj)?;
+    apply_hostile(client, obj)
+}
+
 fn check_keys(obj: &Map<String, Value>, allowed: &[&[&str]]) -> Result<(), String> {
     for key in obj.keys() {
         if !allowed.iter().any(|set| set.contains(&key.as_str())) {
@@ -799,7 +840,7 @@ fn check_keys(obj: &Map<String, Value>, allowed: &[&[&str]]) -> Result<(), Strin
 /// Registers or updates one client from a `/seed` object.
 fn seed_one(state: &mut State, value: &Value) -> Result<(), String> {
     let obj = value.as_object().ok_or("a client must be a JSON object")?;
-    check_keys(obj, &[SEED_KEYS, OPTION_KEYS])?;
+    check_keys(obj, &[SEED_KEYS, OPTION_KEYS, HOSTILE_KEYS])?;
     let id = get_str(obj, "client_id")?.ok_or("client_id is required")?;
     let secret = get_str(obj, "client_secret")?.ok_or("client_secret is required")?;
     let refresh_token = get_str(obj, "refresh_token")?;
@@ -809,7 +850,7 @@ fn seed_one(state: &mut State, value: &Value) -> Result<(), String> {
         None => Client::new(id, secret),
     };
     client.secret = secret.to_owned();
-    apply_options(&mut client, obj)?;
+    apply_all_options(&mut client, obj)?;
     if let Some(rt) = refresh_token.filter(|rt| !rt.is_empty()) {
         state.refresh.insert(
             rt.to_owned(),
@@ -821,6 +862,7 @@ fn seed_one(state: &mut State, value: &Value) -> Result<(), String> {
         client.live_refresh_token = Some(rt.to_owned());
     }
     if let Some(at) = access_token.filter(|at| !at.is_empty()) {
+        client.hostile.seeded_access_token = Some(at.to_owned());
         let lifetime = client.expires_in.unwrap_or(state.ttl);
         state.access.insert(
             at.to_owned(),
@@ -897,7 +939,7 @@ async fn faults(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
     let Some(obj) = value.as_object() else {
         return control_error(StatusCode::BAD_REQUEST, "expected a JSON object");
     };
-    if let Err(e) = check_keys(obj, &[&["client_id"], OPTION_KEYS]) {
+    if let Err(e) = check_keys(obj, &[&["client_id"], OPTION_KEYS, HOSTILE_KEYS]) {
         return control_error(StatusCode::BAD_REQUEST, &e);
     }
     let id = match get_str(obj, "client_id") {
@@ -911,7 +953,7 @@ async fn faults(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
     };
     // Validate everything before changing anything.
     let mut updated = client.clone();
-    if let Err(e) = apply_options(&mut updated, obj) {
+    if let Err(e) = apply_all_options(&mut updated, obj) {
         return control_error(StatusCode::BAD_REQUEST, &e);
     }
     *client = updated;
@@ -961,15 +1003,18 @@ async fn verify(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
     };
     let state = shared.lock();
     let (mut refresh_alive, mut access_live) = (0u64, 0u64);
+    let mut results = Vec::with_capacity(pairs.len());
     for pair in pairs {
         let rt = pair.get(0).and_then(Value::as_str).unwrap_or("");
         let at = pair.get(1).and_then(Value::as_str).unwrap_or("");
-        refresh_alive += u64::from(state.refresh_alive(rt));
-        access_live += u64::from(state.access_live(at));
+        let (alive, live) = (state.refresh_alive(rt), state.access_live(at));
+        refresh_alive += u64::from(alive);
+        access_live += u64::from(live);
+        results.push(json!({"refresh_alive": alive, "access_live": live}));
     }
     json_response(
         StatusCode::OK,
-        &json!({"refresh_alive": refresh_alive, "access_live": access_live, "n": pairs.len()}),
+        &json!({"refresh_alive": refresh_alive, "access_live": access_live, "n": pairs.len(), "results": results}),
     )
 }
 
@@ -1008,6 +1053,7 @@ fn stats(shared: &Shared, query: Option<&str>) -> Resp {
                     client.id.to_string(),
                     json!({
                         "calls": s.calls,
+                        "in_flight": s.in_flight,
                         "refresh_ok": s.refresh_ok,
                         "cc_ok": s.cc_ok,
                         "invalid_grant": s.invalid_grant,
@@ -1050,6 +1096,137 @@ fn api(shared: &Shared, headers: &HeaderMap) -> Resp {
 }
 
 // ---------------------------------------------------------------------------------------
+// Hostile answers: what a careless or hostile identity provider sends (tokenwarden's
+// hostile-input tests). Kept apart from the strict provider above.
+
+/// Per-client hostile answer modes.
+#[derive(Clone, Debug, Default)]
+struct Hostile {
+    /// Sent as `expires_in` in successful answers instead of the lifetime, verbatim.
+    expires_in_raw: Option<Value>,
+    /// Answer every token call `400` with this error code, echoing the request's secrets in
+    /// `error_description`.
+    echo_secrets: Option<String>,
+    /// The access token seeded for this client (echoed by `echo_secrets`).
+    seeded_access_token: Option<String>,
+}
+
+const HOSTILE_KEYS: &[&str] = &["expires_in_raw", "echo_secrets"];
+
+fn apply_hostile(client: &mut Client, obj: &Map<String, Value>) -> Result<(), String> {
+    match obj.get("expires_in_raw") {
+        None => {}
+        Some(Value::Null) => client.hostile.expires_in_raw = None,
+        Some(v) => client.hostile.expires_in_raw = Some(v.clone()),
+    }
+    match obj.get("echo_secrets") {
+        None => {}
+        Some(Value::Null) => client.hostile.echo_secrets = None,
+        Some(Value::String(code)) => client.hostile.echo_secrets = Some(code.clone()),
+        Some(_) => return Err("echo_secrets must be an error code (a string) or null".into()),
+    }
+    Ok(())
+}
+
+/// `expires_in` as the hostile client wants it sent.
+fn hostile_expires_in_answer(body: &mut Map<String, Value>, raw: Option<Value>) {
+    if let Some(raw) = raw {
+        body.insert("expires_in".into(), raw);
+    }
+}
+
+/// For a client with `echo_secrets`: the 400 answer echoing everything secret it was sent.
+fn hostile_echo(
+    shared: &Shared,
+    client_id: &str,
+    body: &[u8],
+    authorization: Option<&str>,
+) -> Option<Resp> {
+    let mut state = shared.lock();
+    let client = state.clients.get_mut(client_id)?;
+    let code = client.hostile.echo_secrets.clone()?;
+    client.stats.invalid_grant += 1;
+    let description = format!(
+        "request {} with Authorization {:?} rejected; client secret {} ; access token {}; raw {}",
+        String::from_utf8_lossy(body),
+        authorization.unwrap_or(""),
+        client.secret,
+        client.hostile.seeded_access_token.as_deref().unwrap_or(""),
+        decode_component(body).unwrap_or_default(),
+    );
+    Some(oauth_error(StatusCode::BAD_REQUEST, &code, &description))
+}
+
+// ---------------------------------------------------------------------------------------
+// Directory APIs (see directory.rs)
+
+/// `(provider, path)` of a directory API request `/api/{provider}{path}`.
+fn dir_route(path: &str) -> Option<(&str, &str)> {
+    let rest = path.strip_prefix("/api/")?;
+    let (provider, tail) = rest.split_once('/')?;
+    matches!(provider, "goto" | "teams" | "ringcentral" | "zoom")
+        .then(|| (provider, &path[5 + provider.len()..]))
+        .filter(|_| !tail.is_empty())
+}
+
+async fn dir_control(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
+    let seed = req.uri().path() == "/dir/seed";
+    let body = match read_json(req).await {
+        Ok(v) => v,
+        Err(resp) => return resp,
+    };
+    let mut dir = shared.dir.lock().unwrap_or_else(|p| p.into_inner());
+    let done = if seed {
+        dir.seed(&body)
+    } else {
+        dir.faults(&body)
+    };
+    match done {
+        Ok(v) => json_response(StatusCode::OK, &v),
+        Err(e) => control_error(StatusCode::BAD_REQUEST, &e),
+    }
+}
+
+async fn dir_api(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
+    let path = req.uri().path().to_string();
+    let Some((provider, tail)) = dir_route(&path) else {
+        return control_error(StatusCode::NOT_FOUND, "not found");
+    };
+    let bearer = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim().to_string());
+    let live = bearer.is_some_and(|t| shared.lock().access_live(&t));
+    if !live {
+        shared
+            .dir
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .count_unauthorized();
+        return json_response(StatusCode::UNAUTHORIZED, &json!({"error": "invalid_token"}));
+    }
+    let delay = shared
+        .dir
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .delay_ms(provider, tail);
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
+    let page = shared.dir.lock().unwrap_or_else(|p| p.into_inner()).page(
+        provider,
+        tail,
+        req.uri().query(),
+        req.headers(),
+    );
+    // No list seeded there (a health probe's path): the plain API answer.
+    page.unwrap_or_else(|| api(&shared, req.headers()))
+}
+
+// ---------------------------------------------------------------------------------------
 // Routing and serving
 
 async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Resp, Infallible> {
@@ -1063,6 +1240,12 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Resp, Inf
         "/mode" if post => mode(shared, req).await,
         "/verify" if post => verify(shared, req).await,
         "/stats" if req.method() == Method::GET => stats(&shared, req.uri().query()),
+        "/dir/seed" | "/dir/faults" if post => dir_control(shared, req).await,
+        "/dir/stats" => {
+            let stats = shared.dir.lock().unwrap_or_else(|p| p.into_inner()).stats();
+            json_response(StatusCode::OK, &stats)
+        }
+        p if dir_route(p).is_some() => dir_api(shared, req).await,
         p if p.starts_with("/api/") => api(&shared, req.headers()),
         "/token" | "/seed" | "/seed-bulk" | "/faults" | "/mode" | "/verify" | "/stats" => {
             control_error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
@@ -1084,6 +1267,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let shared = Arc::new(Shared {
         state: Mutex::new(State::new(args.ttl)),
+        dir: Mutex::new(directory::Directory::default()),
     });
     loop {
         let (stream, _) = match listener.accept().await {
