@@ -52,9 +52,11 @@ if current == false then current = '' end
 if current ~= ARGV[1] then
   return 0
 end
-redis.call('HSET', KEYS[1], 'access_token', ARGV[2], 'token_expiry', ARGV[4], 'updated_at', ARGV[5])
+-- One HSET: one change event for the whole write-back.
 if ARGV[3] ~= '' then
-  redis.call('HSET', KEYS[1], 'refresh_token', ARGV[3])
+  redis.call('HSET', KEYS[1], 'access_token', ARGV[2], 'token_expiry', ARGV[4], 'updated_at', ARGV[5], 'refresh_token', ARGV[3])
+else
+  redis.call('HSET', KEYS[1], 'access_token', ARGV[2], 'token_expiry', ARGV[4], 'updated_at', ARGV[5])
 end
 return 1
 """

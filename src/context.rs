@@ -248,6 +248,8 @@ pub struct Context {
     pub replayer: Replayer,
     /// The live replicas and which tenants are this replica's.
     pub membership: Membership,
+    /// This replica's write-backs, so that the change events they cause are not re-read.
+    pub echoes: crate::registry::echo::Echoes,
 }
 
 impl Context {

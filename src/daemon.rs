@@ -129,6 +129,7 @@ pub fn context_as(
         journal,
         replayer: Replayer::default(),
         membership,
+        echoes: Default::default(),
     };
     ctx.status.beat();
     Ok((

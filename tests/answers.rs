@@ -15,7 +15,7 @@ use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 use support::{
     assert_no_secrets, health_key, hget, hgetall, oauth_record, provider_key, seed_provider,
-    seed_tenant_config, wait_until_async, Daemon, FakeProvider, RedisServer,
+    seed_tenant_config, wait_until, wait_until_async, Daemon, FakeProvider, RedisServer,
 };
 
 const FAST: [(&str, &str); 5] = [
@@ -432,12 +432,16 @@ async fn userinfo_in_a_token_url_is_sent_as_basic_auth_and_never_kept() {
         },
     )
     .await;
-    let record = hgetall(&mut conn, &s.key());
+    // The fake counts the refresh when it answers; the write-back follows.
     let stats = fake.client_stats(&client_id).await;
-    assert_eq!(
-        stats["live_refresh_token"].as_str(),
-        record.get("refresh_token").map(String::as_str)
-    );
+    let live = stats["live_refresh_token"].as_str().map(str::to_string);
+    wait_until(
+        "the rotated refresh token in the record",
+        Duration::from_secs(10),
+        || hget(&mut conn, &s.key(), "refresh_token") == live,
+    )
+    .await;
+    let record = hgetall(&mut conn, &s.key());
     assert_eq!(u64_of(&stats, "bad_client"), 0, "{stats}");
     // The record is the gateway's: its token_url is kept as written.
     assert_eq!(record.get("token_url"), Some(&token_url));

@@ -515,6 +515,116 @@ async fn change_scans_bring_changes_in_when_no_event_source_is_used() {
     changes_are_followed(&redis, &env, "following the registry", "change scan").await;
 }
 
+#[tokio::test]
+async fn own_write_backs_are_not_read_back_through_keyspace_notifications() {
+    let redis = RedisServer::start_with_args(&["--notify-keyspace-events", "KEA"]);
+    own_write_backs_are_not_read_back(&redis, "subscribed to keyspace notifications").await;
+}
+
+#[tokio::test]
+async fn own_write_backs_are_not_read_back_through_client_tracking() {
+    let redis = RedisServer::start();
+    own_write_backs_are_not_read_back(
+        &redis,
+        "following registry changes through client-tracking invalidations",
+    )
+    .await;
+}
+
+/// Each write-back causes a change event (the daemon's own); the follower knows it and does
+/// not read the record back: over a dozen refreshes the server sees no `HMGET` (the
+/// follower's read; a refresh reads under its lock with `HGETALL`), the skips are counted,
+/// and a write by the gateway right after a refresh is still followed within 3 s.
+async fn own_write_backs_are_not_read_back(redis: &RedisServer, log: &str) {
+    const PROVIDERS: usize = 4;
+    // Tokens of 3 s: each provider is refreshed about every 2 s.
+    let fake = FakeProvider::start(3);
+    let mut conn = redis.conn();
+    let mut seeded = Vec::new();
+    for i in 0..PROVIDERS {
+        let expiry = iso_in(500 + (i as i64) * 200);
+        seeded.push(
+            seed_oauth(
+                &mut conn,
+                &fake,
+                "echo",
+                &format!("p{i}"),
+                &expiry,
+                json!({}),
+            )
+            .await,
+        );
+    }
+    // No change scans (events are live) and no full rescan during the test.
+    let env = fast_env(&[("TOKENWARDEN_REGISTRY_CHANGE_SCAN_INTERVAL_SECS", "60")]);
+    let daemon = Daemon::start(redis, &env);
+    daemon.wait_ready(Duration::from_secs(10)).await;
+    wait_for_log(&daemon, log, Duration::from_secs(5)).await;
+    let monitor = support::redis::Monitor::start(redis).await;
+    // Write-backs: the daemon's compare-and-set.
+    let write_backs = |m: &support::redis::Monitor| {
+        m.client_commands("EVAL")
+            .iter()
+            .filter(|l| l.contains("'refresh_token', ARGV[3]"))
+            .count()
+    };
+    wait_until("a dozen write-backs", Duration::from_secs(20), || {
+        write_backs(&monitor) >= 12
+    })
+    .await;
+    // Let the last write-back's event arrive and be handled.
+    wait_for_log(&daemon, "token refreshed", Duration::from_secs(5)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let writes = write_backs(&monitor);
+    // Record reads by the follower: HMGET of the record fields without the access token (a
+    // refresh reads under its lock with it; the health script's HMGET runs in Lua).
+    let reads: Vec<String> = monitor
+        .client_commands("HMGET")
+        .into_iter()
+        .filter(|l| !l.contains("\"access_token\""))
+        .collect();
+    assert!(
+        reads.is_empty(),
+        "records read back after {writes} own write-backs: {reads:#?}"
+    );
+    let skipped = metric_sum(
+        &metrics(&daemon).await,
+        "tokenwarden_registry_echoes_skipped_total",
+        &[],
+    );
+    println!("{writes} write-backs, {skipped} echoes skipped, no record read back");
+    assert!(skipped >= 12.0, "echoes skipped: {skipped}");
+
+    // The gateway deactivates a provider right after its refresh: still followed.
+    let target = &seeded[0];
+    let refreshed = u64_of(&fake.client_stats(&target.client_id).await, "refresh_ok");
+    wait_until_async(
+        "the next refresh of the provider the gateway will change",
+        Duration::from_secs(10),
+        || {
+            let fake = &fake;
+            let id = target.client_id.clone();
+            async move { u64_of(&fake.client_stats(&id).await, "refresh_ok") > refreshed }
+        },
+    )
+    .await;
+    redis::cmd("HSET")
+        .arg(target.key())
+        .arg("status")
+        .arg("inactive")
+        .query::<()>(&mut conn)
+        .expect("HSET status");
+    wait_until(
+        "the gateway's change to be followed",
+        Duration::from_secs(3),
+        || hget(&mut conn, &target.health(), "state").as_deref() == Some("inactive"),
+    )
+    .await;
+    let stats = fake.stats_summary().await;
+    assert_eq!(u64_of(&stats, "reuse"), 0, "{stats}");
+    assert_eq!(u64_of(&stats, "invalid_grant"), 0, "{stats}");
+}
+
 /// New tenants, new providers of known tenants, changed and removed records are all
 /// followed within 3 s by a daemon started with `env`, which says `log` once its event
 /// source is up and names `source` in its "following the registry" line.

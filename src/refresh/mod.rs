@@ -591,21 +591,32 @@ async fn answered(
         token_expiry: &token_expiry,
         updated_at: &updated_at,
     };
-    // One round trip for the write-back and the release where nothing must come between
-    // them: no WAIT (which runs under the lock), and one node (a Cluster's keys sit on
-    // different slots).
-    let together = ctx.config().redis.wait().is_none() && !store::is_cluster(conn);
+    // One round trip for the write-back, the release and the `WAIT` (when configured) on one
+    // node or a Sentinel master; a Cluster's keys sit on different slots, so there the
+    // release and the `WAIT` follow the write-back.
+    let together = !store::is_cluster(conn);
+    let wait = ctx.config().redis.wait();
+    let echo = ctx.echoes.expect(id);
     let written = if together {
-        writeback::compare_and_set_then(conn, id, &write, |pipe| {
-            if let Some(r) = &reservation {
-                r.add_delete(pipe);
-            }
-            guard.add_release(pipe);
-        })
+        writeback::compare_and_set_then(
+            conn,
+            id,
+            &write,
+            |pipe| {
+                if let Some(r) = &reservation {
+                    r.add_delete(pipe);
+                }
+                guard.add_release(pipe);
+            },
+            wait,
+        )
         .await
     } else {
-        writeback::compare_and_set(conn, id, &write).await
+        writeback::compare_and_set(conn, id, &write)
+            .await
+            .map(|r| (r, None))
     };
+    echo.written(matches!(written, Ok((WriteResult::Written, _))));
     let settle = |ctx: &Context| {
         if let (Some(j), Some(eid)) = (&ctx.journal, &journaled_id) {
             if let Err(err) = j.confirm(eid) {
@@ -614,9 +625,12 @@ async fn answered(
         }
     };
     let written = match written {
-        Ok(WriteResult::Written) => {
-            // Replicated (WAIT) while still under the lock and the reservation.
-            writeback::confirm_replicated(&ctx.config().redis, conn, id).await;
+        Ok((WriteResult::Written, confirmed)) => {
+            match (wait, confirmed) {
+                (Some((wanted, _)), Some(n)) => writeback::note_replicated(wanted, Ok(n)),
+                // Replicated (WAIT) while still under the lock and the reservation.
+                _ => writeback::confirm_replicated(&ctx.config().redis, conn, id).await,
+            }
             if entry.is_some() && store::master_generation(&ctx.pool) != write_generation {
                 // It may have reached the former master only: replayed on the new one (the
                 // journal's compare-and-set makes a second write of it harmless).
@@ -627,7 +641,8 @@ async fn answered(
                 Ok(WriteResult::Written)
             }
         }
-        other => other,
+        Ok((other, _)) => Ok(other),
+        Err(e) => Err(e),
     };
     match written {
         Ok(WriteResult::Written) => {

@@ -5,6 +5,8 @@
 //! the refresh started from. The timestamp strings are formatted by the caller in the
 //! representation the fields already had.
 
+use std::time::Duration;
+
 use crate::keys::ProviderId;
 use crate::store::{Connection, StoreError};
 
@@ -17,9 +19,11 @@ if current == false then current = '' end
 if current ~= ARGV[1] then
   return 0
 end
-redis.call('HSET', KEYS[1], 'access_token', ARGV[2], 'token_expiry', ARGV[4], 'updated_at', ARGV[5])
+-- One HSET: one change event for the whole write-back.
 if ARGV[3] ~= '' then
-  redis.call('HSET', KEYS[1], 'refresh_token', ARGV[3])
+  redis.call('HSET', KEYS[1], 'access_token', ARGV[2], 'token_expiry', ARGV[4], 'updated_at', ARGV[5], 'refresh_token', ARGV[3])
+else
+  redis.call('HSET', KEYS[1], 'access_token', ARGV[2], 'token_expiry', ARGV[4], 'updated_at', ARGV[5])
 end
 return 1
 "#;
@@ -55,17 +59,22 @@ fn result_of(n: i64) -> WriteResult {
 }
 
 /// The compare-and-set, then `release` (commands added to the pipeline it gets, e.g. the
-/// lock's and the reservation's compare-and-deletes), in one round trip. For one node or a
-/// Sentinel master without `WAIT`: the release is right whatever the compare-and-set
-/// found. Written, the record no longer holds the refresh token the reservation protects;
-/// not written, there is nothing to protect. An error leaves it unknown whether both ran
-/// (the caller holds the answer for the journal's replay, which is safe either way).
+/// lock's and the reservation's compare-and-deletes), then `WAIT` when `wait` is set, in one
+/// round trip on one node (a Sentinel master included). The release is right whatever the
+/// compare-and-set found: written, the record no longer holds the refresh token the
+/// reservation protects; not written, there is nothing to protect. `WAIT` after the release
+/// is as safe as before it: a replica applies the master's writes in order, so one that has
+/// the reservation's delete has the write-back too, and a failover to a replica without the
+/// write-back keeps the reservation. The answer is the compare-and-set's and, with `wait`,
+/// how many replicas confirmed. An error leaves it unknown whether any of it ran (the caller
+/// holds the answer for the journal's replay, which is safe either way).
 pub async fn compare_and_set_then(
     conn: &mut Connection,
     id: &ProviderId,
     w: &WriteBack<'_>,
     release: impl FnOnce(&mut redis::Pipeline),
-) -> Result<WriteResult, StoreError> {
+    wait: Option<(u32, Duration)>,
+) -> Result<(WriteResult, Option<u32>), StoreError> {
     let mut pipe = redis::pipe();
     pipe.cmd("EVAL")
         .arg(COMPARE_AND_SET)
@@ -77,18 +86,52 @@ pub async fn compare_and_set_then(
         .arg(w.token_expiry)
         .arg(w.updated_at);
     release(&mut pipe);
-    let (n,): (i64,) = pipe.query_async(conn).await?;
-    Ok(result_of(n))
+    if let Some((replicas, timeout)) = wait {
+        let ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        pipe.cmd("WAIT").arg(replicas).arg(ms);
+    }
+    let answers: Vec<i64> = pipe.query_async(conn).await?;
+    let n = answers.first().copied().unwrap_or(-1);
+    let confirmed = match (wait, answers.get(1)) {
+        (Some(_), Some(&c)) => Some(u32::try_from(c.max(0)).unwrap_or(u32::MAX)),
+        (Some(_), None) => Some(0),
+        (None, _) => None,
+    };
+    Ok((result_of(n), confirmed))
 }
 
 /// The compare-and-set alone (a release or a `WAIT` must come after it, in its own round
-/// trip).
+/// trip: a Cluster, whose keys sit on different slots).
 pub async fn compare_and_set(
     conn: &mut Connection,
     id: &ProviderId,
     w: &WriteBack<'_>,
 ) -> Result<WriteResult, StoreError> {
-    compare_and_set_then(conn, id, w, |_| {}).await
+    compare_and_set_then(conn, id, w, |_| {}, None)
+        .await
+        .map(|(r, _)| r)
+}
+
+/// Counts and logs a `WAIT` that `wanted` replicas did not all answer (`Err`: the `WAIT`
+/// itself failed). A shortfall is not an error: the write is on the master, and the journal
+/// keeps the entry for `journal.confirmed_retention_secs` to re-apply it after a master
+/// change.
+pub fn note_replicated(wanted: u32, confirmed: Result<u32, &StoreError>) {
+    match confirmed {
+        Ok(n) if n >= wanted => {}
+        Ok(n) => {
+            metrics::counter!(crate::telemetry::metrics::REDIS_WAIT_SHORTFALL).increment(1);
+            tracing::warn!(
+                confirmed = n,
+                wanted,
+                "write-back confirmed by fewer replicas than redis.wait_replicas; the journal keeps it for a failover"
+            );
+        }
+        Err(e) => {
+            metrics::counter!(crate::telemetry::metrics::REDIS_WAIT_SHORTFALL).increment(1);
+            tracing::warn!(error = %e, "WAIT for replicas failed; the journal keeps the entry for a failover");
+        }
+    }
 }
 
 /// After a written write-back: `WAIT` until `redis.wait_replicas` replicas have it (see
@@ -104,19 +147,6 @@ pub async fn confirm_replicated(
     let Some((replicas, timeout)) = cfg.wait() else {
         return;
     };
-    match crate::store::wait_replicas(conn, &id.record_key(), replicas, timeout).await {
-        Ok(n) if n >= replicas => {}
-        Ok(n) => {
-            metrics::counter!(crate::telemetry::metrics::REDIS_WAIT_SHORTFALL).increment(1);
-            tracing::warn!(
-                confirmed = n,
-                wanted = replicas,
-                "write-back confirmed by fewer replicas than redis.wait_replicas; the journal keeps it for a failover"
-            );
-        }
-        Err(e) => {
-            metrics::counter!(crate::telemetry::metrics::REDIS_WAIT_SHORTFALL).increment(1);
-            tracing::warn!(error = %e, "WAIT for replicas failed; the journal keeps the entry for a failover");
-        }
-    }
+    let confirmed = crate::store::wait_replicas(conn, &id.record_key(), replicas, timeout).await;
+    note_replicated(replicas, confirmed.as_ref().copied());
 }

@@ -433,6 +433,7 @@ async fn targeted(
     let mut stats = ReadStats::default();
     let mut tenants = BTreeSet::new();
     let mut records = BTreeSet::new();
+    let mut echoes = 0u64;
     for c in changes {
         match c {
             Change::Tenant(t) => {
@@ -444,6 +445,11 @@ async fn targeted(
                     .get(&*id.tenant)
                     .is_some_and(|n| n.contains(&*id.provider))
                 {
+                    // This replica's own write-back: the engine knows what it wrote.
+                    if ctx.echoes.is_echo(&id, started) {
+                        echoes += 1;
+                        continue;
+                    }
                     records.insert(id);
                 } else {
                     tenants.insert(id.tenant.to_string());
@@ -493,6 +499,9 @@ async fn targeted(
         })
         .collect();
     read_and_apply(ctx, registry, &ids, &mut stats, ticket).await?;
+    if echoes > 0 {
+        metrics::counter!(m::REGISTRY_ECHOES_SKIPPED).increment(echoes);
+    }
     metrics::histogram!(m::REGISTRY_SCAN_DURATION, "kind" => "targeted")
         .record(started.elapsed().as_secs_f64());
     Ok(())
@@ -629,6 +638,8 @@ pub async fn run(ctx: Arc<Context>, cancel: CancellationToken) {
                     continue;
                 }
                 if let Some(pos) = batch.iter().rposition(|c| matches!(c, Change::Lost | Change::Resync)) {
+                    // Echoes expected may never come, or came unseen.
+                    ctx.echoes.forget();
                     live = batch[pos] == Change::Resync;
                     if live {
                         // Events may have been missed before the source was (re)established.
@@ -643,6 +654,15 @@ pub async fn run(ctx: Arc<Context>, cancel: CancellationToken) {
                 }
                 let r = targeted(&ctx, &registry, &mut known, batch).await;
                 note_redis(&ctx, &r);
+                continue;
+            }
+            _ = ctx.echoes.rereads_wanted() => {
+                // Events held back for a write-back that did not write: someone else's.
+                let batch: Vec<Change> = ctx.echoes.take_rereads().into_iter().map(Change::Record).collect();
+                if live && !batch.is_empty() {
+                    let r = targeted(&ctx, &registry, &mut known, batch).await;
+                    note_redis(&ctx, &r);
+                }
                 continue;
             }
         }

@@ -23,6 +23,7 @@
 //! "bad_name"}`), left out, and never stops the rest of the read. Record values are bytes
 //! too, decoded only for the fields tokenwarden uses ([`record::Field`]).
 
+pub mod echo;
 pub mod follow;
 pub mod record;
 pub mod watch;

@@ -25,6 +25,8 @@ pub const PROVIDER_HEALTH_CHECK_DURATION: &str =
 pub const REGISTRY_PROVIDERS: &str = "tokenwarden_registry_providers";
 pub const REGISTRY_SCAN_DURATION: &str = "tokenwarden_registry_scan_duration_seconds";
 pub const REGISTRY_INVALID_RECORDS: &str = "tokenwarden_registry_invalid_records_total";
+/// Change events for a record that were this replica's own write-backs, so not re-read.
+pub const REGISTRY_ECHOES_SKIPPED: &str = "tokenwarden_registry_echoes_skipped_total";
 pub const REDIS_UP: &str = "tokenwarden_redis_up";
 /// Write-backs whose `WAIT` saw fewer replicas than `redis.wait_replicas`.
 pub const REDIS_WAIT_SHORTFALL: &str = "tokenwarden_redis_wait_shortfall_total";
@@ -151,6 +153,10 @@ fn describe() {
     describe_counter!(
         STALE_WRITES_TOTAL,
         "Records found back on a refresh token already replaced (a stale whole-record write), by provider name."
+    );
+    describe_counter!(
+        REGISTRY_ECHOES_SKIPPED,
+        "Change events for a record caused by this replica's own write-back, not re-read."
     );
     describe_counter!(
         REGISTRY_INVALID_RECORDS,

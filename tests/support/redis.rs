@@ -245,6 +245,58 @@ impl RedisServer {
     }
 }
 
+/// A `MONITOR` connection: every command the server runs from now on, as the server prints
+/// it (`<time> [<db> <client address>|lua] "<command>" "<arg>" ...`).
+pub struct Monitor {
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Monitor {
+    /// Starts monitoring `redis` (the server confirmed `MONITOR` when this returns).
+    pub async fn start(redis: &RedisServer) -> Monitor {
+        use futures_util::StreamExt;
+        let monitor = redis
+            .client()
+            .get_async_monitor()
+            .await
+            .unwrap_or_else(|e| panic!("MONITOR on {}: {e}", redis.url()));
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        let task = tokio::spawn(async move {
+            let mut stream = monitor.into_on_message::<String>();
+            while let Some(line) = stream.next().await {
+                sink.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+            }
+        });
+        Monitor { lines, task }
+    }
+
+    /// The lines seen so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The lines of `command` (any case) sent by a client, not run by a script.
+    pub fn client_commands(&self, command: &str) -> Vec<String> {
+        let quoted = format!("\"{}\"", command.to_ascii_lowercase());
+        self.lines()
+            .into_iter()
+            .filter(|l| !l.contains(" lua]"))
+            .filter(|l| {
+                l.split_once("] ")
+                    .is_some_and(|(_, cmd)| cmd.to_ascii_lowercase().starts_with(&quoted))
+            })
+            .collect()
+    }
+}
+
+impl Drop for Monitor {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 /// `CONFIG SET key value`.
 pub async fn config_set(conn: &mut MultiplexedConnection, key: &str, value: &str) {
     redis::cmd("CONFIG")
