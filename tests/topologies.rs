@@ -282,12 +282,15 @@ async fn sentinel_failover_while_refreshing_loses_no_token() {
         ("TOKENWARDEN_REDIS_SENTINEL_MASTER", SENTINEL_MASTER),
         ("TOKENWARDEN_REDIS_RECOVERY_GRACE_MS", "500"),
     ]);
+    let monitor = support::redis::Monitor::start(&master).await;
     let daemon = Daemon::start(&master, &env);
     daemon.wait_ready(Duration::from_secs(10)).await;
     let before = count(
         &refreshes(&fake, &client, 2, Duration::from_secs(15)).await,
         "refresh_ok",
     );
+    write_back_round_trip_is_one(&monitor, 2).await;
+    drop(monitor);
     let failover_at = Instant::now();
     sentinel.failover();
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -334,6 +337,53 @@ async fn sentinel_failover_while_refreshing_loses_no_token() {
         "no failover replay in the logs"
     );
     secrets.assert_not_logged(&daemon);
+}
+
+/// Under Sentinel the write-back, the reservation's and the lock's releases and the `WAIT`
+/// reach the master together: after each compare-and-set (at least `writes` of them), the
+/// next commands from the same connection are those three, in that order (before, `WAIT`
+/// came alone after the write-back, and the releases in a round trip of their own).
+async fn write_back_round_trip_is_one(monitor: &support::redis::Monitor, writes: usize) {
+    fn client(line: &str) -> Option<&str> {
+        let (_, rest) = line.split_once(" [")?;
+        let (who, _) = rest.split_once("] ")?;
+        Some(who)
+    }
+    let mut lines = Vec::new();
+    support::wait_until("the write-backs' WAITs", Duration::from_secs(5), || {
+        lines = monitor.lines();
+        lines.iter().filter(|l| l.contains("] \"WAIT\"")).count() >= writes
+    })
+    .await;
+    let mut seen = 0;
+    for (i, line) in lines.iter().enumerate() {
+        if !line.contains("'refresh_token', ARGV[3]") || line.contains(" lua]") {
+            continue;
+        }
+        let who = client(line);
+        let next: Vec<&String> = lines[i + 1..]
+            .iter()
+            .filter(|l| client(l) == who)
+            .take(3)
+            .collect();
+        if next.len() < 3 {
+            continue;
+        }
+        seen += 1;
+        assert!(
+            next[0].contains("\"EVAL\"") && next[0].contains(":inflight\""),
+            "after the write-back, the reservation's release: {next:#?}"
+        );
+        assert!(
+            next[1].contains("\"EVAL\"") && next[1].contains(":lock\""),
+            "then the lock's release: {next:#?}"
+        );
+        assert!(next[2].contains("] \"WAIT\""), "then WAIT: {next:#?}");
+    }
+    assert!(
+        seen >= writes,
+        "{seen} write-backs seen with what followed them"
+    );
 }
 
 /// Three masters made one Cluster (16384 slots split by `redis-cli --cluster create`).
