@@ -581,6 +581,7 @@ async fn refresh_now(
         .map(|state| Input::Read {
             state,
             read_version: u64::MAX,
+            stored: None,
         })
         .chain(std::iter::once(Input::Attempt(&finished.outcome)))
     {

@@ -531,6 +531,135 @@ async fn own_write_backs_are_not_read_back_through_client_tracking() {
     .await;
 }
 
+/// A restart finds the health hashes its predecessor left for the same tokens: it keeps
+/// their plans (`next_refresh_at` as it was) and writes no health for them at start, as the
+/// server's command log shows; a provider whose token the gateway changed while no daemon
+/// ran is planned anew and its health written.
+#[tokio::test]
+async fn a_restart_keeps_the_plans_and_health_it_finds() {
+    let redis = RedisServer::start();
+    let fake = FakeProvider::start(3600);
+    let mut conn = redis.conn();
+    let mut seeded = Vec::new();
+    for i in 0..5 {
+        let expiry = iso_in(3_600_000 + i * 60_000);
+        seeded.push(
+            seed_oauth(
+                &mut conn,
+                &fake,
+                "restart",
+                &format!("p{i}"),
+                &expiry,
+                json!({}),
+            )
+            .await,
+        );
+    }
+    let env = fast_env(&[]);
+    let first = Daemon::start(&redis, &env);
+    first.wait_ready(Duration::from_secs(10)).await;
+    let field = |conn: &mut redis::Connection, s: &Seeded, f: &str| {
+        hget(conn, &s.health(), f).unwrap_or_default()
+    };
+    wait_until(
+        "a plan in every health hash",
+        Duration::from_secs(10),
+        || {
+            seeded
+                .iter()
+                .all(|s| !field(&mut conn, s, "next_refresh_at").is_empty())
+        },
+    )
+    .await;
+    assert_eq!(first.terminate(Duration::from_secs(10)).await, 0);
+    let before: Vec<std::collections::HashMap<String, String>> = seeded
+        .iter()
+        .map(|s| hgetall(&mut conn, &s.health()))
+        .collect();
+
+    // While no daemon runs, the gateway re-authorises p4: a new token, a new expiry.
+    let changed = &seeded[4];
+    redis::cmd("HSET")
+        .arg(changed.key())
+        .arg("token_expiry")
+        .arg(iso_in(7_200_000))
+        .query::<()>(&mut conn)
+        .unwrap_or_else(|e| panic!("HSET: {e}"));
+
+    let monitor = support::redis::Monitor::start(&redis).await;
+    let second = Daemon::start(&redis, &env);
+    second.wait_ready(Duration::from_secs(10)).await;
+    let old_expiry = before[4].get("token_expiry").cloned().unwrap_or_default();
+    wait_until(
+        "the changed provider's health written",
+        Duration::from_secs(10),
+        || field(&mut conn, changed, "token_expiry") != old_expiry,
+    )
+    .await;
+    let after: Vec<std::collections::HashMap<String, String>> = seeded
+        .iter()
+        .map(|s| hgetall(&mut conn, &s.health()))
+        .collect();
+    for (i, s) in seeded.iter().enumerate().take(4) {
+        assert_eq!(
+            after[i], before[i],
+            "{}: health rewritten at restart",
+            s.provider
+        );
+    }
+    assert_ne!(
+        after[4].get("next_refresh_at"),
+        before[4].get("next_refresh_at"),
+        "a new token gets a new plan"
+    );
+    // The health script, by the server's command log: called for p4 only.
+    let health_writes = |s: &Seeded| {
+        monitor
+            .client_commands("EVALSHA")
+            .iter()
+            .chain(monitor.client_commands("EVAL").iter())
+            .filter(|l| l.contains(&format!("\"{}\"", s.health())))
+            .count()
+    };
+    for s in seeded.iter().take(4) {
+        assert_eq!(
+            health_writes(s),
+            0,
+            "{}: health written at restart",
+            s.provider
+        );
+    }
+    assert!(
+        health_writes(changed) >= 1,
+        "the changed provider's health is written"
+    );
+    // The kept plans are the schedule: the daemon's own view says the same.
+    let body = metrics(&second).await;
+    for (i, s) in seeded.iter().enumerate().take(4) {
+        let plan = before[i]
+            .get("next_refresh_at")
+            .cloned()
+            .unwrap_or_default();
+        let planned = chrono::DateTime::parse_from_rfc3339(&plan)
+            .unwrap_or_else(|e| panic!("{}: next_refresh_at {plan:?}: {e}", s.provider))
+            .timestamp() as f64;
+        let scheduled = metric_sum(
+            &body,
+            "tokenwarden_token_next_refresh_timestamp_seconds",
+            &[
+                ("tenant", s.tenant.as_str()),
+                ("provider", s.provider.as_str()),
+            ],
+        );
+        assert_eq!(
+            scheduled, planned,
+            "{}: scheduled for another time",
+            s.provider
+        );
+    }
+    println!("restart: 4 plans kept, 0 health writes for them; the changed provider re-planned");
+}
+
 /// Each write-back causes a change event (the daemon's own); the follower knows it and does
 /// not read the record back: over a dozen refreshes the server sees no `HMGET` (the
 /// follower's read; a refresh reads under its lock with `HGETALL`), the skips are counted,

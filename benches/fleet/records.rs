@@ -7,6 +7,8 @@ use chrono::{DateTime, Utc};
 use redis::aio::MultiplexedConnection;
 use serde_json::json;
 use tokenwarden::keys::{self, ProviderId};
+use tokenwarden::schedule::policy::{Lifetime, RefreshPolicy};
+use tokenwarden::timestamp;
 
 const PROVIDER_TYPES: [&str; 4] = ["goto", "teams", "ringcentral", "zoom"];
 
@@ -99,6 +101,7 @@ pub async fn seed(conn: &mut MultiplexedConnection, s: &Seeding<'_>) -> Result<(
     let g = s.group;
     let body = access_token_body();
     let stamp = "2025-01-15T10:30:00.123456";
+    let mut rng = fastrand::Rng::with_seed(7);
     for start in (0..g.n).step_by(1000) {
         let mut pipe = redis::pipe();
         for i in start..(start + 1000).min(g.n) {
@@ -169,12 +172,14 @@ pub async fn seed(conn: &mut MultiplexedConnection, s: &Seeding<'_>) -> Result<(
                 .arg(ptype)
                 .ignore();
             if s.health {
+                let (token_expiry, next_refresh_at) = left_by_a_daemon(&(s.expiry)(i), &mut rng);
                 pipe.cmd("HSET")
                     .arg(id.health_key())
                     .arg(&[
                         ("state", "healthy"),
-                        ("token_expiry", "2026-01-01T00:00:00.000000+00:00"),
-                        ("next_refresh_at", "2026-01-01T00:00:00.000000+00:00"),
+                        ("reason", ""),
+                        ("token_expiry", token_expiry.as_str()),
+                        ("next_refresh_at", next_refresh_at.as_str()),
                         ("last_refresh_result", "success"),
                         ("consecutive_failures", "0"),
                         ("updated_at", "2026-01-01T00:00:00.000000+00:00"),
@@ -185,4 +190,25 @@ pub async fn seed(conn: &mut MultiplexedConnection, s: &Seeding<'_>) -> Result<(
         pipe.query_async::<()>(conn).await?;
     }
     Ok(())
+}
+
+/// The `token_expiry` and `next_refresh_at` a running daemon leaves in the health hash of a
+/// record with this `token_expiry`: its value in RFC 3339, and the default policy's plan made
+/// now (empty for an expiry that does not parse: the health is then rewritten at start).
+fn left_by_a_daemon(record_expiry: &str, rng: &mut fastrand::Rng) -> (String, String) {
+    let Ok(expiry) = timestamp::parse(record_expiry) else {
+        return (String::new(), String::new());
+    };
+    let now = Utc::now();
+    let plan = RefreshPolicy::default().next_refresh(
+        Lifetime {
+            issued: now,
+            expiry: expiry.at,
+        },
+        now,
+        None,
+        now,
+        rng,
+    );
+    (timestamp::iso_utc(expiry.at), timestamp::iso_utc(plan))
 }

@@ -161,6 +161,8 @@ pub async fn measure(b: &mut Bench, n: usize, k: usize, baseline_mb: f64) -> Res
     // Shares settle once every replica saw the others' heartbeats.
     tokio::time::sleep(Duration::from_secs(5)).await;
     for (d, r) in daemons.iter().zip(ready) {
+        // A replica that died shows its log tail here, not as a failed scrape.
+        d.assert_running();
         let mut s = sample(b, d, n / k, baseline_mb).await;
         s.ready_s = r;
         d.assert_running();

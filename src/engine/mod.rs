@@ -35,6 +35,7 @@ use tokio_util::task::TaskTracker;
 use crate::context::{Context, ReadTicket};
 use crate::fleet::{ProbeResult, Verdict};
 use crate::health::writer::HealthOp;
+use crate::health::StoredHealth;
 use crate::keys::ProviderId;
 use crate::refresh::{self, Plan, Trigger};
 use crate::registry::record::RecordState;
@@ -46,9 +47,10 @@ use transition::{Attempt, Env, Input, Policies, RepairRequest, Repaired, Replaye
 #[derive(Debug)]
 pub enum Msg {
     /// Records read from Redis; `read_version` is [`crate::fleet::Fleet::version`] taken
-    /// before the read.
+    /// before the read. A record the engine did not know may come with what its health hash
+    /// held ([`Input::Read`]'s `stored`).
     Records {
-        batch: Vec<(ProviderId, RecordState)>,
+        batch: Vec<(ProviderId, RecordState, Option<StoredHealth>)>,
         read_version: u64,
         ticket: ReadTicket,
         done: Option<oneshot::Sender<()>>,
@@ -113,13 +115,16 @@ pub fn apply(
     let tr = {
         let mut fleet = ctx.fleet.write();
         let version = fleet.bump();
-        let prev = fleet.providers.get(id);
+        let prev = fleet.providers.get(id).map(|t| &**t);
         let tr = transition::transition(prev, input, pol, &mut Env { now, rng, version });
         if tr.changed {
             match &tr.tracked {
-                Some(t) => {
-                    fleet.providers.insert(id.clone(), t.clone());
-                }
+                Some(t) => match fleet.providers.get_mut(id) {
+                    Some(slot) => (**slot).clone_from(t),
+                    None => {
+                        fleet.providers.insert(id.clone(), Box::new(t.clone()));
+                    }
+                },
                 None => {
                     fleet.providers.remove(id);
                 }
@@ -298,6 +303,7 @@ impl Engine {
                 Input::Read {
                     state,
                     read_version: u64::MAX,
+                    stored: None,
                 },
             );
         }
@@ -333,12 +339,13 @@ impl Engine {
                     );
                     Vec::new()
                 };
-                for (id, state) in &batch {
+                for (id, state, stored) in &batch {
                     self.apply(
                         id,
                         Input::Read {
                             state,
                             read_version,
+                            stored: stored.as_ref(),
                         },
                     );
                 }
@@ -404,7 +411,13 @@ impl Engine {
                 }
                 if self.in_flight.insert(id.clone()) {
                     self.deadlines.remove(&id);
-                    let known = self.ctx.fleet.read().providers.get(&id).cloned();
+                    let known = self
+                        .ctx
+                        .fleet
+                        .read()
+                        .providers
+                        .get(&id)
+                        .map(|t| (**t).clone());
                     let plan = Plan { id, known, trigger };
                     let ctx = Arc::clone(&self.ctx);
                     let slots = Arc::clone(&self.slots);
@@ -445,6 +458,7 @@ impl Engine {
                         Input::Read {
                             state,
                             read_version: u64::MAX,
+                            stored: None,
                         },
                     );
                 }
@@ -474,7 +488,7 @@ impl Engine {
             .is_some_and(|n| n <= Utc::now() + chrono::TimeDelta::milliseconds(500));
         due.then(|| Plan {
             id: id.clone(),
-            known: Some(t.clone()),
+            known: Some((**t).clone()),
             trigger: Trigger::Scheduled,
         })
     }

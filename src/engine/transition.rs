@@ -33,7 +33,7 @@ use crate::fleet::{
     short_hash, ProbeResult, RepairState, ShortHash, StaleWrite, TokenHash, Tracked, Verdict,
     REPLACED_HISTORY,
 };
-use crate::health::HealthUpdate;
+use crate::health::{HealthUpdate, StoredHealth};
 use crate::refresh::reserve::token_digest;
 use crate::registry::record::RecordState;
 use crate::retry::RetryPolicy;
@@ -228,10 +228,13 @@ pub enum Repaired {
 #[derive(Debug, Clone, Copy)]
 pub enum Input<'a> {
     /// A record read from Redis; `read_version` is the fleet version taken before the read
-    /// (`u64::MAX`: read under the lock, always newest).
+    /// (`u64::MAX`: read under the lock, always newest). `stored` is what the provider's
+    /// health hash held, read with a record the engine did not know yet: a plan it holds for
+    /// the same token is kept, and a health write that would change nothing is left out.
     Read {
         state: &'a RecordState,
         read_version: u64,
+        stored: Option<&'a StoredHealth>,
     },
     /// The provider left the registry.
     Gone,
@@ -358,7 +361,8 @@ fn decide(
         Input::Read {
             state,
             read_version,
-        } => on_read(prev, state, read_version, pol, env),
+            stored,
+        } => on_read(prev, state, read_version, stored, pol, env),
         Input::Gone => match prev {
             None => Transition::default(),
             Some(_) => Transition {
@@ -460,6 +464,7 @@ pub fn attempt_label(a: &Attempt) -> &'static str {
 fn tracked_of_read(
     prev: Option<&Tracked>,
     state: &RecordState,
+    stored: Option<&StoredHealth>,
     pol: &Policies,
     env: &mut Env<'_>,
 ) -> (Tracked, Option<(&'static str, String)>) {
@@ -539,16 +544,38 @@ fn tracked_of_read(
                 t.token_expiry = r.token_expiry.map(|e| e.at);
                 let next = match t.token_expiry {
                     None => now,
-                    Some(expiry) => schedule_of(pol, &t).next_refresh(
-                        Lifetime {
+                    Some(expiry) => {
+                        let sched = schedule_of(pol, &t);
+                        let life = Lifetime {
                             issued: now,
                             expiry,
-                        },
-                        t.last_refresh,
-                        t.refresh_token_expiry,
-                        now,
-                        env.rng,
-                    ),
+                        };
+                        // A restart keeps the previous process's plan for the same token
+                        // when the policy could have made it now: no new jitter, no rewrite.
+                        let kept = stored
+                            .filter(|_| prev.is_none())
+                            .and_then(|s| s.plan_for(expiry))
+                            .filter(|at| {
+                                *at >= now
+                                    && *at
+                                        <= sched.latest_refresh(
+                                            life,
+                                            t.last_refresh,
+                                            t.refresh_token_expiry,
+                                            now,
+                                        )
+                            });
+                        match kept {
+                            Some(at) => at,
+                            None => sched.next_refresh(
+                                life,
+                                t.last_refresh,
+                                t.refresh_token_expiry,
+                                now,
+                                env.rng,
+                            ),
+                        }
+                    }
                 };
                 t.next_refresh = Some(next);
                 (t, None)
@@ -586,6 +613,7 @@ fn on_read(
     prev: Option<&Tracked>,
     state: &RecordState,
     read_version: u64,
+    stored: Option<&StoredHealth>,
     pol: &Policies,
     env: &mut Env<'_>,
 ) -> Transition {
@@ -599,7 +627,7 @@ fn on_read(
     let was_active = prev.is_some_and(|t| {
         t.verdict == Verdict::Active && t.reauth.is_none() && t.stale_write.is_none()
     });
-    let (mut t, invalid) = tracked_of_read(prev, state, pol, env);
+    let (mut t, invalid) = tracked_of_read(prev, state, stored, pol, env);
     t.version = if read_version == u64::MAX {
         env.version
     } else {
@@ -670,6 +698,12 @@ fn on_read(
             }
         }
     }
+    // First sight: a health hash that already says all this (a restart) is left alone.
+    if let (None, Some(s), Health::Write(h)) = (prev, stored, &out.health) {
+        if !h.changes(s) {
+            out.health = Health::Keep;
+        }
+    }
     out.tracked = Some(t);
     out
 }
@@ -701,7 +735,7 @@ pub fn precheck(
     }
     if changed {
         // Someone (another replica, the gateway) changed the record since this was planned.
-        let (t, _) = tracked_of_read(known, state, pol, env);
+        let (t, _) = tracked_of_read(known, state, None, pol, env);
         let due = t
             .next_refresh
             .is_none_or(|n| n <= env.now + TimeDelta::seconds(1));
@@ -1350,6 +1384,7 @@ mod tests {
                 Input::Read {
                     state: &state,
                     read_version: 10,
+                    stored: None,
                 },
                 p,
                 &mut Env {
@@ -1835,6 +1870,7 @@ mod tests {
                     Input::Read {
                         state: &valid,
                         read_version: pv + 1,
+                        stored: None,
                     },
                 ),
                 (
@@ -1842,6 +1878,7 @@ mod tests {
                     Input::Read {
                         state: &expired,
                         read_version: pv + 1,
+                        stored: None,
                     },
                 ),
                 (
@@ -1849,6 +1886,7 @@ mod tests {
                     Input::Read {
                         state: &no_expiry,
                         read_version: pv + 1,
+                        stored: None,
                     },
                 ),
                 (
@@ -1856,6 +1894,7 @@ mod tests {
                     Input::Read {
                         state: &inact,
                         read_version: pv + 1,
+                        stored: None,
                     },
                 ),
                 (
@@ -1863,6 +1902,7 @@ mod tests {
                     Input::Read {
                         state: &inval,
                         read_version: pv + 1,
+                        stored: None,
                     },
                 ),
                 (
@@ -1870,6 +1910,7 @@ mod tests {
                     Input::Read {
                         state: &valid,
                         read_version: pv.saturating_sub(1),
+                        stored: None,
                     },
                 ),
                 ("gone", Input::Gone),
@@ -2119,6 +2160,7 @@ mod tests {
                 Input::Read {
                     state: &state,
                     read_version: pv + 1,
+                    stored: None,
                 },
                 &p,
             );
@@ -2146,10 +2188,128 @@ mod tests {
             Input::Read {
                 state: &unknown,
                 read_version: 1,
+                stored: None,
             },
             &p,
         );
         assert_eq!(tr.invalid, Some("unknown_provider_type"));
+    }
+
+    /// What a first read writes of `state`, and its plan, with `stored` as the health hash.
+    fn first_read(
+        p: &Policies,
+        state: &RecordState,
+        stored: Option<&StoredHealth>,
+        seed: u64,
+    ) -> (Health, Option<DateTime<Utc>>) {
+        let tr = transition(
+            None,
+            Input::Read {
+                state,
+                read_version: 1,
+                stored,
+            },
+            p,
+            &mut Env {
+                now: now(),
+                rng: &mut fastrand::Rng::with_seed(seed),
+                version: 1,
+            },
+        );
+        let next = tr.tracked.as_ref().and_then(|t| t.next_refresh);
+        (tr.health, next)
+    }
+
+    #[test]
+    fn a_restart_keeps_the_plan_and_health_it_finds_for_the_same_token() {
+        let p = pol();
+        let expiry = "2026-12-01T11:00:00+00:00";
+        let state = record("rt0", expiry);
+        // What the previous process wrote: its plan for this token, 50 s from now.
+        let (Health::Write(first), Some(planned)) = first_read(&p, &state, None, 7) else {
+            panic!("a first read without a stored health hash writes one and plans");
+        };
+        assert!(first.fields().iter().any(|(f, _)| *f == "next_refresh_at"));
+        let earlier = now() + TimeDelta::seconds(50);
+        let left = |next: &str, exp: &str| {
+            StoredHealth::from_pairs([
+                ("state", "healthy"),
+                ("reason", ""),
+                ("token_expiry", exp),
+                ("next_refresh_at", next),
+                ("consecutive_failures", "0"),
+            ])
+        };
+        let same_token = iso_utc(DateTime::parse_from_rfc3339(expiry).unwrap().to_utc());
+        let stored = left(&iso_utc(earlier), &same_token);
+        for seed in 0..20 {
+            let (health, next) = first_read(&p, &state, Some(&stored), seed);
+            assert_eq!(next, Some(earlier), "{seed}: the stored plan is kept");
+            assert!(matches!(health, Health::Keep), "{seed}: nothing to write");
+        }
+        // The fresh plans differ from seed to seed (the jitter); none is `earlier`.
+        assert_ne!(first_read(&p, &state, None, 1).1, Some(earlier));
+        assert_ne!(planned, earlier);
+
+        // A plan the policy could not make now is not kept: later than its latest, or past.
+        for bad in [
+            now() + TimeDelta::minutes(50),
+            now() - TimeDelta::seconds(1),
+        ] {
+            let stored = left(&iso_utc(bad), &same_token);
+            let (health, next) = first_read(&p, &state, Some(&stored), 3);
+            assert_ne!(next, Some(bad), "{bad}");
+            assert!(
+                matches!(health, Health::Write(_)),
+                "{bad}: the new plan is written"
+            );
+        }
+        // A plan for another token (the gateway refreshed while no process ran): re-planned.
+        let other = left(&iso_utc(earlier), "2026-12-01T10:30:00.000000+00:00");
+        let (health, next) = first_read(&p, &state, Some(&other), 3);
+        assert_ne!(next, Some(earlier));
+        assert!(matches!(health, Health::Write(_)));
+        // No state yet: written (the state only where none is set), the plan kept.
+        let no_state = StoredHealth::from_pairs([
+            ("token_expiry", same_token.as_str()),
+            ("next_refresh_at", iso_utc(earlier).as_str()),
+        ]);
+        let (health, next) = first_read(&p, &state, Some(&no_state), 3);
+        assert_eq!(next, Some(earlier));
+        assert!(matches!(health, Health::Write(_)));
+        // Garbage in the hash is never trusted, never fatal.
+        let garbage = left("next tuesday", &same_token);
+        let (health, next) = first_read(&p, &state, Some(&garbage), 3);
+        assert!(next.is_some_and(|n| n > now()));
+        assert!(matches!(health, Health::Write(_)));
+    }
+
+    #[test]
+    fn a_restart_leaves_an_inactive_or_invalid_providers_health_alone_when_it_says_the_same() {
+        let p = pol();
+        for state in [inactive(), invalid()] {
+            let Health::Write(h) = first_read(&p, &state, None, 1).0 else {
+                panic!("a first read writes health");
+            };
+            let pairs: Vec<(&str, &str)> =
+                h.fields().iter().map(|(f, v)| (*f, v.as_str())).collect();
+            let same = StoredHealth::from_pairs(pairs.iter().copied());
+            assert!(matches!(
+                first_read(&p, &state, Some(&same), 1).0,
+                Health::Keep
+            ));
+            let other = StoredHealth::from_pairs(pairs.iter().map(|(f, v)| {
+                if *f == "state" {
+                    (*f, "healthy")
+                } else {
+                    (*f, *v)
+                }
+            }));
+            assert!(matches!(
+                first_read(&p, &state, Some(&other), 1).0,
+                Health::Write(_)
+            ));
+        }
     }
 
     #[test]
@@ -2350,6 +2510,7 @@ mod tests {
             Input::Read {
                 state: &expired,
                 read_version: 1,
+                stored: None,
             },
             &obs,
         );
@@ -2401,6 +2562,7 @@ mod tests {
             Input::Read {
                 state: &fresh,
                 read_version: u64::MAX,
+                stored: None,
             },
             &obs,
         );
@@ -2433,6 +2595,7 @@ mod tests {
             Input::Read {
                 state: &first,
                 read_version: 1,
+                stored: None,
             },
             p,
         )
@@ -2456,6 +2619,7 @@ mod tests {
             Input::Read {
                 state: &stale,
                 read_version: 200,
+                stored: None,
             },
             &p,
         );
@@ -2492,6 +2656,7 @@ mod tests {
             Input::Read {
                 state: &repaired_rec,
                 read_version: u64::MAX,
+                stored: None,
             },
             &p,
         );
@@ -2509,6 +2674,7 @@ mod tests {
             Input::Read {
                 state: &stale,
                 read_version: u64::MAX,
+                stored: None,
             },
             &p,
         );
@@ -2528,6 +2694,7 @@ mod tests {
                 Input::Read {
                     state,
                     read_version: v,
+                    stored: None,
                 },
                 &p,
             )
@@ -2538,6 +2705,7 @@ mod tests {
             Input::Read {
                 state: &r0,
                 read_version: 3,
+                stored: None,
             },
             &p,
         );
@@ -2574,6 +2742,7 @@ mod tests {
             Input::Read {
                 state: &r2,
                 read_version: u64::MAX,
+                stored: None,
             },
             &p,
         )
@@ -2592,6 +2761,7 @@ mod tests {
             Input::Read {
                 state: &stale,
                 read_version: 200,
+                stored: None,
             },
             &obs,
         );
@@ -2614,6 +2784,7 @@ mod tests {
                 Input::Read {
                     state: &r,
                     read_version: i + 1,
+                    stored: None,
                 },
                 &p,
             )

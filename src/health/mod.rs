@@ -15,7 +15,7 @@ pub mod probe;
 pub mod writer;
 
 use chrono::{DateTime, Utc};
-use redis::Pipeline;
+use redis::{Pipeline, Value};
 
 use crate::fleet::Tracked;
 use crate::keys::{ProviderId, EVENTS_STREAM};
@@ -68,6 +68,20 @@ impl HealthUpdate {
         &self.fields
     }
 
+    /// Whether writing this update over `stored` would change anything but `updated_at`
+    /// (the stamp of a change, not a change). A field [`STORED_FIELDS`] leaves out counts as
+    /// a change: nothing is known about it.
+    pub fn changes(&self, stored: &StoredHealth) -> bool {
+        self.fields
+            .iter()
+            .filter(|(f, _)| *f != "updated_at")
+            .any(|(f, v)| stored.field(f) != Some(Some(v.as_str())))
+            || self
+                .if_absent
+                .iter()
+                .any(|(f, _)| !matches!(stored.field(f), Some(Some(_))))
+    }
+
     /// Sets `field` only where the health hash has none (another replica's word stands).
     pub fn set_if_absent(&mut self, field: &'static str, value: impl Into<String>) -> &mut Self {
         self.if_absent.push((field, value.into()));
@@ -101,6 +115,70 @@ impl HealthUpdate {
             cmd.arg(*f).arg(v);
         }
         true
+    }
+}
+
+/// The health fields read with a record the engine does not know yet, so that a restart
+/// leaves a health hash that already says the same alone ([`HealthUpdate::changes`]).
+pub const STORED_FIELDS: [&str; 5] = [
+    "state",
+    "reason",
+    "token_expiry",
+    "next_refresh_at",
+    "consecutive_failures",
+];
+
+/// What a health hash held of [`STORED_FIELDS`] (`HMGET`), in that order. Never trusted:
+/// a value that is not UTF-8 counts as absent, and each is only compared or parsed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoredHealth([Option<Box<str>>; 5]);
+
+impl StoredHealth {
+    /// From an `HMGET` answer of [`STORED_FIELDS`]; `None` for an error (a key that is not
+    /// a hash), a malformed answer or a hash with none of them.
+    pub fn from_value(v: Value) -> Option<StoredHealth> {
+        let Value::Array(items) = v else {
+            return None;
+        };
+        if items.len() != STORED_FIELDS.len() {
+            return None;
+        }
+        let mut out = StoredHealth::default();
+        for (slot, item) in out.0.iter_mut().zip(items) {
+            if let Value::BulkString(b) = item {
+                *slot = String::from_utf8(b).ok().map(String::into_boxed_str);
+            }
+        }
+        out.0.iter().any(Option::is_some).then_some(out)
+    }
+
+    /// From field/value pairs (tests, tools).
+    pub fn from_pairs<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> StoredHealth {
+        let mut out = StoredHealth::default();
+        for (f, v) in pairs {
+            if let Some(i) = STORED_FIELDS.iter().position(|s| *s == f) {
+                out.0[i] = Some(v.into());
+            }
+        }
+        out
+    }
+
+    /// `None`: not a stored field; `Some(None)`: absent.
+    fn field(&self, name: &str) -> Option<Option<&str>> {
+        let i = STORED_FIELDS.iter().position(|f| *f == name)?;
+        Some(self.0[i].as_deref())
+    }
+
+    /// The stored `next_refresh_at`, when the stored `token_expiry` is `expiry`'s: the plan a
+    /// previous process made for this same token (the caller checks it against its policy).
+    pub fn plan_for(&self, expiry: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        if self.field("token_expiry")?? != iso_utc(expiry) {
+            return None;
+        }
+        let next = self.field("next_refresh_at")??;
+        DateTime::parse_from_rfc3339(next)
+            .ok()
+            .map(|t| t.with_timezone(&Utc))
     }
 }
 

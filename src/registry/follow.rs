@@ -20,6 +20,7 @@ use crate::config::Notifications;
 use crate::context::Context;
 use crate::context::ReadTicket;
 use crate::engine::Msg;
+use crate::health::StoredHealth;
 use crate::keys::ProviderId;
 use crate::registry::record::RecordState;
 use crate::registry::watch::{self, Change};
@@ -112,6 +113,27 @@ impl Known {
     }
 }
 
+/// Reads records for the engine. Where it does not know one of them yet (every one at start,
+/// a takeover's), each comes with what its health hash holds: the plans and health a
+/// previous process left are kept where they still hold (see `engine::transition`).
+async fn read_for_engine(
+    ctx: &Context,
+    registry: &Registry,
+    conn: &mut store::Connection,
+    ids: &[ProviderId],
+    stats: &mut ReadStats,
+) -> Result<Vec<(RecordState, Option<StoredHealth>)>, StoreError> {
+    let unknown = {
+        let fleet = ctx.fleet.read();
+        ids.iter().any(|id| !fleet.providers.contains_key(id))
+    };
+    if unknown {
+        return registry.read_records_and_health(conn, ids, stats).await;
+    }
+    let states = registry.read_records(conn, ids, stats).await?;
+    Ok(states.into_iter().map(|s| (s, None)).collect())
+}
+
 /// Reads the given records and applies them, a slice at a time so that parsed records never
 /// pile up in memory.
 async fn read_and_apply(
@@ -124,9 +146,14 @@ async fn read_and_apply(
     for slice in ids.chunks(APPLY_SLICE) {
         let read_version = ctx.fleet.read().version();
         let mut conn = store::conn(&ctx.pool).await?;
-        let states = registry.read_records(&mut conn, slice, stats).await?;
+        let states = read_for_engine(ctx, registry, &mut conn, slice, stats).await?;
         drop(conn);
-        let batch: Vec<(ProviderId, RecordState)> = slice.iter().cloned().zip(states).collect();
+        let batch: Vec<_> = slice
+            .iter()
+            .cloned()
+            .zip(states)
+            .map(|(id, (state, stored))| (id, state, stored))
+            .collect();
         ctx.engine
             .send_and_wait(|done| Msg::Records {
                 batch,
@@ -203,10 +230,11 @@ fn spawn_record_feed(
             let (registry, mut conn) = (registry.clone(), conn.clone());
             // Taken as the read is sent: a local change after it wins over what it returns.
             let read_version = ctx.fleet.read().version();
+            let ctx = Arc::clone(&ctx);
             async move {
                 let mut stats = ReadStats::default();
-                let states = registry.read_records(&mut conn, &chunk, &mut stats).await?;
-                Ok::<_, StoreError>((chunk, states, read_version, stats))
+                let read = read_for_engine(&ctx, &registry, &mut conn, &chunk, &mut stats).await?;
+                Ok::<_, StoreError>((chunk, read, read_version, stats))
             }
         });
         let mut reads = std::pin::pin!(reads.buffered(PIPELINE_DEPTH));
@@ -223,7 +251,11 @@ fn spawn_record_feed(
             }
             let (done, applied) = tokio::sync::oneshot::channel();
             ctx.engine.send(Msg::Records {
-                batch: chunk.into_iter().zip(states).collect(),
+                batch: chunk
+                    .into_iter()
+                    .zip(states)
+                    .map(|(id, (state, stored))| (id, state, stored))
+                    .collect(),
                 read_version,
                 ticket,
                 done: Some(done),
@@ -671,6 +703,8 @@ pub async fn run(ctx: Arc<Context>, cancel: CancellationToken) {
             let r = full_scan(&ctx, &registry, &mut known).await;
             if let Ok(scan) = &r {
                 ctx.status.set_first_scan_done();
+                // The read's short-lived values are gone: their pages go back now.
+                crate::allocator::release_free_memory();
                 next_full = now + Duration::from_secs(cfg.registry.full_rescan_interval_secs);
                 if let Some(generation) = scan.settled {
                     membership = generation;

@@ -36,6 +36,7 @@ use crate::store::Pool;
 use futures_util::StreamExt;
 use redis::Value;
 
+use crate::health::{self, StoredHealth};
 use crate::keys::{self, BadName, ProviderId};
 use crate::store::{self, Connection, StoreError};
 use crate::telemetry::metrics as m;
@@ -239,7 +240,7 @@ impl Registry {
                 |pipe, t| {
                     pipe.cmd("SMEMBERS").arg(keys::providers_set_key(t));
                 },
-                members_of,
+                |answers| members_of(next_answer(answers)),
             )
             .await?;
         Ok(tenants
@@ -276,6 +277,33 @@ impl Registry {
             .await
     }
 
+    /// As [`Registry::read_records`], each with [`health::STORED_FIELDS`] of its health hash
+    /// (`None`: no such hash, or not one): for records the engine does not know yet, so that
+    /// a restart neither re-plans nor rewrites what the previous process left.
+    pub async fn read_records_and_health(
+        &self,
+        conn: &mut Connection,
+        ids: &[ProviderId],
+        stats: &mut ReadStats,
+    ) -> Result<Vec<(RecordState, Option<StoredHealth>)>, StoreError> {
+        self.pipelined(
+            conn,
+            ids,
+            stats,
+            |pipe, id| {
+                pipe.cmd("HMGET").arg(id.record_key()).arg(RECORD_FIELDS);
+                pipe.cmd("HMGET")
+                    .arg(id.health_key())
+                    .arg(&health::STORED_FIELDS[..]);
+            },
+            |answers| {
+                let record = parse_fields_value(next_answer(answers), RECORD_FIELDS);
+                (record, StoredHealth::from_value(next_answer(answers)))
+            },
+        )
+        .await
+    }
+
     async fn read_fields(
         &self,
         conn: &mut Connection,
@@ -290,7 +318,7 @@ impl Registry {
             |pipe, id| {
                 pipe.cmd("HMGET").arg(id.record_key()).arg(fields);
             },
-            move |v| parse_fields_value(v, fields),
+            move |answers| parse_fields_value(next_answer(answers), fields),
         )
         .await
     }
@@ -324,40 +352,51 @@ impl Registry {
                     .arg(id.record_key())
                     .arg(&LIGHT_FIELDS[..]);
             },
-            light_fingerprint,
+            |answers| light_fingerprint(next_answer(answers)),
         )
         .await
     }
 
-    /// One command per item, `batch` items per round trip, up to [`PIPELINE_DEPTH`] round
-    /// trips in flight on the multiplexed connection; each answer is parsed as its batch
-    /// arrives, so raw answers never pile up. Errors of single commands (a key of the wrong
-    /// type) reach `parse` as values; only a connection error fails the whole read.
+    /// The commands `command` adds for each item (one or more, the same number for every
+    /// item), about `batch` commands per round trip, up to [`PIPELINE_DEPTH`] round trips in
+    /// flight on the multiplexed connection; each batch is parsed as it arrives, `parse`
+    /// taking an item's answers from the batch's, so raw answers never pile up. Errors of
+    /// single commands (a key of the wrong type) reach `parse` as values; only a connection
+    /// error fails the whole read.
     async fn pipelined<T, O: Send + 'static>(
         &self,
         conn: &mut Connection,
         items: &[T],
         stats: &mut ReadStats,
         command: impl Fn(&mut redis::Pipeline, &T),
-        parse: impl Fn(Value) -> O + Copy + Send + 'static,
+        parse: impl Fn(&mut std::vec::IntoIter<Value>) -> O + Copy + Send + 'static,
     ) -> Result<Vec<O>, StoreError> {
-        let pipes: Vec<redis::Pipeline> = items
-            .chunks(self.batch)
+        let per_item = match items.first() {
+            Some(first) => {
+                let mut probe = redis::pipe();
+                command(&mut probe, first);
+                probe.len().max(1)
+            }
+            None => 1,
+        };
+        let pipes: Vec<(redis::Pipeline, usize)> = items
+            .chunks((self.batch / per_item).max(1))
             .map(|chunk| {
                 let mut pipe = redis::pipe();
                 pipe.ignore_errors();
                 for item in chunk {
                     command(&mut pipe, item);
                 }
-                pipe
+                (pipe, chunk.len())
             })
             .collect();
         let base: Connection = conn.clone();
-        let batches = pipes.into_iter().map(move |pipe| {
+        let batches = pipes.into_iter().map(move |(pipe, n)| {
             let mut c = base.clone();
             async move {
                 let values: Vec<Value> = pipe.query_async(&mut c).await?;
-                Ok::<_, redis::RedisError>(values.into_iter().map(parse).collect::<Vec<O>>())
+                let mut answers = values.into_iter();
+                Ok::<_, redis::RedisError>((0..n).map(|_| parse(&mut answers)).collect::<Vec<O>>())
             }
         });
         let mut answers = futures_util::stream::iter(batches).buffered(PIPELINE_DEPTH);
@@ -469,6 +508,11 @@ impl FullRead {
 }
 
 /// The bytes of a string answer; `None` for anything else (nil, an error, an array).
+/// The next answer of a pipelined batch (`Nil` past its end, which Redis never sends).
+fn next_answer(answers: &mut std::vec::IntoIter<Value>) -> Value {
+    answers.next().unwrap_or(Value::Nil)
+}
+
 fn bulk_bytes(v: Value) -> Option<Vec<u8>> {
     match v {
         Value::BulkString(b) => Some(b),
@@ -552,12 +596,53 @@ pub fn parse_fields_value(v: Value, fields: &[&str]) -> RecordState {
         .iter()
         .map(|v| Field::of_bytes(v.as_deref()))
         .collect();
-    ProviderRecord::parse_with(present, |name| {
-        fields
+    // The parser looks fields up by name, dozens of times per record: by a match on the
+    // name where `fields` is the usual list (or a prefix of it), not by searching the list.
+    let usual = fields.len() <= RECORD_FIELDS_AND_TOKEN.len()
+        && fields
             .iter()
-            .position(|f| *f == name)
-            .and_then(|i| parsed.get(i).copied())
+            .zip(RECORD_FIELDS_AND_TOKEN.iter())
+            .all(|(a, b)| a == b);
+    ProviderRecord::parse_with(present, |name| {
+        let at = if usual {
+            usual_field_index(name)
+        } else {
+            fields.iter().position(|f| *f == name)
+        };
+        at.and_then(|i| parsed.get(i).copied())
             .unwrap_or(Field::Missing)
+    })
+}
+
+/// The position of `name` in [`RECORD_FIELDS_AND_TOKEN`] (a test keeps the two in step).
+fn usual_field_index(name: &str) -> Option<usize> {
+    Some(match name {
+        "provider_type" => 0,
+        "status" => 1,
+        "auth_type" => 2,
+        "client_id" => 3,
+        "client_secret" => 4,
+        "account_key" => 5,
+        "refresh_token" => 6,
+        "token_expiry" => 7,
+        "scopes" => 8,
+        "api_base_url" => 9,
+        "features_enabled" => 10,
+        "sync_enabled" => 11,
+        "updated_at" => 12,
+        "token_url" => 13,
+        "token_auth_method" => 14,
+        "grant_type" => 15,
+        "health_path" => 16,
+        "jwt_assertion" => 17,
+        "personal_access_token" => 18,
+        "certificate_key" => 19,
+        "certificate_thumbprint" => 20,
+        "api_key" => 21,
+        "client_secret_expires_at" => 22,
+        "certificate_pem" => 23,
+        "access_token" => 24,
+        _ => return None,
     })
 }
 
@@ -622,4 +707,29 @@ fn light_fingerprint(v: Value) -> u64 {
 
 fn wrong_type_fingerprint() -> u64 {
     fingerprint([Some("wrong_type")])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_field_index_follows_the_field_list() {
+        for (i, name) in RECORD_FIELDS_AND_TOKEN.iter().enumerate() {
+            assert_eq!(usual_field_index(name), Some(i), "{name}");
+        }
+        assert_eq!(usual_field_index("created_at"), None);
+    }
+
+    #[test]
+    fn a_read_of_other_fields_finds_them_by_name() {
+        let bulk = |s: &str| Value::BulkString(s.as_bytes().to_vec());
+        // Not the usual order: looked up by searching the list.
+        let fields = ["status", "provider_type", "client_id", "client_secret"];
+        let v = Value::Array(vec![bulk("inactive"), bulk("zoom"), bulk("cid"), bulk("s")]);
+        match parse_fields_value(v, &fields) {
+            RecordState::Inactive { provider_type, .. } => assert_eq!(provider_type, "zoom"),
+            other => panic!("expected an inactive zoom record, got {other:?}"),
+        }
+    }
 }

@@ -82,6 +82,32 @@ impl RefreshPolicy {
         now: DateTime<Utc>,
         rng: &mut fastrand::Rng,
     ) -> DateTime<Utc> {
+        self.plan(lifetime, last_refresh, refresh_token_expiry, now, Some(rng))
+    }
+
+    /// The latest deadline [`RefreshPolicy::next_refresh`] can answer for the same inputs (its
+    /// jitter at `+j`). A plan made earlier for the same token (by a previous process, read
+    /// from the health hash) that lies between `now` and this is one the policy could have
+    /// made now, and can be kept.
+    pub fn latest_refresh(
+        &self,
+        lifetime: Lifetime,
+        last_refresh: DateTime<Utc>,
+        refresh_token_expiry: Option<DateTime<Utc>>,
+        now: DateTime<Utc>,
+    ) -> DateTime<Utc> {
+        self.plan(lifetime, last_refresh, refresh_token_expiry, now, None)
+    }
+
+    /// [`RefreshPolicy::next_refresh`] with the jitter drawn from `rng`, or at its maximum.
+    fn plan(
+        &self,
+        lifetime: Lifetime,
+        last_refresh: DateTime<Utc>,
+        refresh_token_expiry: Option<DateTime<Utc>>,
+        now: DateTime<Utc>,
+        rng: Option<&mut fastrand::Rng>,
+    ) -> DateTime<Utc> {
         let Lifetime { issued, expiry } = lifetime;
         if expiry <= now {
             return now;
@@ -107,7 +133,11 @@ impl RefreshPolicy {
             .min(life_ms - lead_ms)
             .max(min_off);
         let j = part(self.jitter_fraction).min(self.jitter_max.num_milliseconds().max(0));
-        let jitter = if j > 0 { rng.i64(-j..=j) } else { 0 };
+        let jitter = match rng {
+            _ if j <= 0 => 0,
+            Some(rng) => rng.i64(-j..=j),
+            None => j,
+        };
         let offset = target.saturating_add(jitter).max(min_off).min(last_ms);
 
         let mut at = TimeDelta::try_milliseconds(offset)
@@ -238,6 +268,35 @@ mod tests {
             assert!(at >= t() + mins(39) && at <= t() + mins(41), "{seed}: {at}");
             assert!(at < t() + mins(55));
         }
+    }
+
+    #[test]
+    fn latest_refresh_bounds_every_jittered_plan() {
+        let p = RefreshPolicy::default();
+        let life = Lifetime {
+            issued: t(),
+            expiry: t() + mins(60),
+        };
+        // 40 min + j (60 s); with the caps of a short max_refresh_interval it follows them.
+        assert_eq!(p.latest_refresh(life, t(), None, t()), t() + mins(41));
+        let mut at_latest = 0;
+        for seed in 0..2_000 {
+            let at = fresh(&p, mins(60), seed);
+            assert!(at <= p.latest_refresh(life, t(), None, t()), "{seed}: {at}");
+            at_latest += usize::from(at == t() + mins(41));
+        }
+        assert!(at_latest <= 2, "{at_latest}");
+        let capped = RefreshPolicy {
+            max_refresh_interval: mins(10),
+            ..RefreshPolicy::default()
+        };
+        assert_eq!(capped.latest_refresh(life, t(), None, t()), t() + mins(10));
+        // Expired: now, as next_refresh says.
+        let gone = Lifetime {
+            issued: t() - mins(60),
+            expiry: t() - mins(1),
+        };
+        assert_eq!(p.latest_refresh(gone, t(), None, t()), t());
     }
 
     #[test]

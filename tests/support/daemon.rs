@@ -184,7 +184,16 @@ impl Daemon {
         let url = format!("{}{path}", self.base_url());
         let resp = match self.http.get(&url).timeout(timeout).send().await {
             Ok(resp) => resp,
-            Err(e) => return (0, e.to_string()),
+            Err(e) => {
+                // reqwest's message names the URL only; the cause is in its sources.
+                let mut text = e.to_string();
+                let mut source = std::error::Error::source(&e);
+                while let Some(s) = source {
+                    text.push_str(&format!(": {s}"));
+                    source = s.source();
+                }
+                return (0, text);
+            }
         };
         let status = resp.status().as_u16();
         match resp.text().await {
@@ -251,7 +260,12 @@ impl Daemon {
         let (status, body) = self
             .get_with_timeout("/metrics", Duration::from_secs(120))
             .await;
-        assert_eq!(status, 200, "/metrics answered {status}: {body}");
+        assert_eq!(
+            status,
+            200,
+            "/metrics answered {status}: {body}; log tail:\n{}",
+            self.logs_tail(30)
+        );
         body
     }
 
