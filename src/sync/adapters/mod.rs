@@ -5,11 +5,12 @@
 pub mod goto;
 pub mod ringcentral;
 pub mod teams;
+mod voice_admin;
 pub mod zoom;
 
 use serde_json::Value;
 
-use super::model::{e164, Feature, Record};
+use super::model::{e164, CallQueue, Feature, Record};
 
 /// The adapter of a provider type (`None`: tokenwarden has none, so it does not sync it).
 pub fn adapter(provider_type: &str) -> Option<Adapter> {
@@ -24,6 +25,30 @@ pub fn adapter(provider_type: &str) -> Option<Adapter> {
 
 /// `(feature, provider name, item) -> record`.
 pub type Adapter = fn(Feature, &str, &Value) -> Option<Record>;
+
+/// The fields every item has, as the provider's adapter reads them.
+pub(crate) struct Item {
+    pub id: String,
+    pub provider: String,
+    pub name: Option<String>,
+    pub extension: Option<String>,
+    pub raw: Value,
+}
+
+/// A call queue: members at `members[].id`, numbers in the array at `numbers_at` (strings,
+/// or objects with `number_key`).
+pub(crate) fn call_queue(item: Item, v: &Value, numbers_at: &str, number_key: &str) -> Record {
+    Record::CallQueue(CallQueue {
+        id: item.id,
+        provider: item.provider,
+        display_name: item.name.clone(),
+        name: item.name,
+        extension: item.extension,
+        member_ids: ids(v, "members", "id"),
+        phone_numbers: numbers(v, numbers_at, number_key),
+        raw: item.raw,
+    })
+}
 
 /// The value at a `/`-separated path of object keys.
 pub(crate) fn at<'a>(v: &'a Value, path: &str) -> Option<&'a Value> {

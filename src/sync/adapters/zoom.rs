@@ -4,54 +4,47 @@
 
 use serde_json::Value;
 
-use super::{email, first_text, numbers, text};
-use crate::sync::model::{e164, AutoAttendant, CallQueue, Feature, PhoneNumber, Record, User};
+use super::{call_queue, email, first_text, numbers, text, Item};
+use crate::sync::model::{e164, AutoAttendant, Feature, PhoneNumber, Record, User};
 
 pub fn normalize(feature: Feature, provider: &str, v: &Value) -> Option<Record> {
-    let id = text(v, "id")?;
-    let provider = provider.to_string();
-    let name = first_text(v, &["name", "display_name"]);
-    let extension = text(v, "extension_number");
-    let raw = v.clone();
+    let item = Item {
+        id: text(v, "id")?,
+        provider: provider.to_string(),
+        name: first_text(v, &["name", "display_name"]),
+        extension: text(v, "extension_number"),
+        raw: v.clone(),
+    };
     Some(match feature {
         Feature::Users => Record::User(User {
-            id,
-            provider,
-            display_name: name,
+            id: item.id,
+            provider: item.provider,
+            display_name: item.name,
             email: email(v, &["email"]),
-            extension,
+            extension: item.extension,
             phone_numbers: numbers(v, "phone_numbers", "number"),
-            raw,
+            raw: item.raw,
         }),
-        Feature::CallQueues => Record::CallQueue(CallQueue {
-            id,
-            provider,
-            display_name: name.clone(),
-            name,
-            extension,
-            member_ids: super::ids(v, "members", "id"),
-            phone_numbers: numbers(v, "phone_numbers", "number"),
-            raw,
-        }),
+        Feature::CallQueues => call_queue(item, v, "phone_numbers", "number"),
         Feature::AutoAttendants => Record::AutoAttendant(AutoAttendant {
-            id,
-            provider,
-            display_name: name.clone(),
-            name,
-            extension,
+            id: item.id,
+            provider: item.provider,
+            display_name: item.name.clone(),
+            name: item.name,
+            extension: item.extension,
             phone_numbers: numbers(v, "phone_numbers", "number"),
-            raw,
+            raw: item.raw,
         }),
         Feature::PhoneNumbers => {
             let number = text(v, "number").map(|n| e164(&n));
             Record::PhoneNumber(PhoneNumber {
-                id,
-                provider,
+                id: item.id,
+                provider: item.provider,
                 display_name: first_text(v, &["display_name"]).or_else(|| number.clone()),
                 number,
                 assigned_to: text(v, "assignee/id"),
                 kind: text(v, "type"),
-                raw,
+                raw: item.raw,
             })
         }
         Feature::Extensions => return None,
