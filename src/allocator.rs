@@ -1,4 +1,4 @@
-//! The memory allocator: mimalloc, told to hand freed memory back to the system soon.
+//! The memory allocator: mimalloc, told to hand freed memory back to the system at once.
 //!
 //! A full registry read makes and drops millions of small strings (each field value of each
 //! record). With glibc's malloc that was about a third of the daemon's CPU at start, and what
@@ -6,11 +6,7 @@
 //! measured start to ready and resident memory after it (medians of three to five starts on
 //! one machine, 2026-12-01): glibc capped at two arenas 2.7-3.6 s and 150-160 MB; mimalloc
 //! with its defaults 2.0-2.3 s and 170-195 MB; mimalloc with immediate purging and no eager
-//! arena commit 2.0-2.5 s and 115-140 MB. Immediate purging, measured again later that night,
-//! made the kernel zero and fault in again the pages of each batch's short-lived values
-//! (`clear_page` a tenth of a start's CPU): a purge delay of 50 ms (what [`tune`] sets) took
-//! 10-15 % off the daemon's CPU per start, and [`release_free_memory`] after the first full
-//! read keeps resident memory where immediate purging had it.
+//! arena commit (what [`tune`] sets) 2.0-2.5 s and 115-140 MB.
 
 /// The allocator the `tokenwarden` binary installs (`src/main.rs`); the library leaves the
 /// choice to whoever links it.
@@ -23,10 +19,7 @@ const ARENA_EAGER_COMMIT_DEFAULT: std::os::raw::c_long = 2;
 const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 const PURGE_DELAY_DEFAULT: std::os::raw::c_long = 1000;
 
-/// Freed memory is purged after this many milliseconds.
-const PURGE_DELAY_MS: std::os::raw::c_long = 50;
-
-/// Sets a short purge delay and lazy arena commit; `false` (nothing set) when the linked
+/// Sets immediate purging and lazy arena commit; `false` (nothing set) when the linked
 /// mimalloc's options do not have the expected defaults, i.e. its option numbers differ.
 pub fn tune() -> bool {
     // SAFETY: mi_option_get and mi_option_set read and write mimalloc's option table, which
@@ -37,17 +30,10 @@ pub fn tune() -> bool {
         {
             return false;
         }
-        libmimalloc_sys::mi_option_set(PURGE_DELAY, PURGE_DELAY_MS);
+        libmimalloc_sys::mi_option_set(PURGE_DELAY, 0);
         libmimalloc_sys::mi_option_set(ARENA_EAGER_COMMIT, 0);
     }
     true
-}
-
-/// Hands what is free back to the system now (after a full read, whose values are gone).
-pub fn release_free_memory() {
-    // SAFETY: mi_collect may be called at any time from any thread; it only purges and
-    // frees memory nothing holds.
-    unsafe { libmimalloc_sys::mi_collect(true) }
 }
 
 #[cfg(test)]
@@ -60,7 +46,6 @@ mod tests {
         );
         // SAFETY: reads mimalloc's option table.
         let purge = unsafe { libmimalloc_sys::mi_option_get(super::PURGE_DELAY) };
-        assert_eq!(purge, super::PURGE_DELAY_MS);
-        super::release_free_memory();
+        assert_eq!(purge, 0);
     }
 }

@@ -703,8 +703,6 @@ pub async fn run(ctx: Arc<Context>, cancel: CancellationToken) {
             let r = full_scan(&ctx, &registry, &mut known).await;
             if let Ok(scan) = &r {
                 ctx.status.set_first_scan_done();
-                // The read's short-lived values are gone: their pages go back now.
-                crate::allocator::release_free_memory();
                 next_full = now + Duration::from_secs(cfg.registry.full_rescan_interval_secs);
                 if let Some(generation) = scan.settled {
                     membership = generation;
