@@ -533,6 +533,26 @@ pub async fn conn(pool: &Pool) -> Result<Connection, StoreError> {
     }
 }
 
+/// Up to `n` connections on distinct sockets where the pool has them (one node: `n` pool
+/// objects held at once, then given back); on a Cluster the one shared connection. For a
+/// bulk read whose answers are decoded by each socket's own task: spread over sockets, the
+/// decoding runs on several cores.
+pub async fn distinct_conns(pool: &Pool, n: usize) -> Result<Vec<Connection>, StoreError> {
+    match pool {
+        Pool::Node { pool, .. } => {
+            let mut held = Vec::with_capacity(n);
+            for _ in 0..n.max(1) {
+                held.push(pool.get().await?);
+            }
+            Ok(held
+                .iter()
+                .map(|p| Connection::Node(MultiplexedConnection::clone(&p.conn)))
+                .collect())
+        }
+        Pool::Cluster(_) => Ok(vec![conn(pool).await?]),
+    }
+}
+
 /// Whether `conn` is a Cluster connection (pipelines there are batches, not sequences).
 pub fn is_cluster(conn: &Connection) -> bool {
     matches!(conn, Connection::Cluster { .. })

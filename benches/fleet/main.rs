@@ -30,7 +30,7 @@
 //! non-zero; a missed target does not. Environment: `FLEET_SIZES` (comma separated),
 //! `FLEET_IDLE_SECS` (idle CPU window, default 10), `FLEET_BURST` (default 1000),
 //! `FLEET_DAEMON_ENV` (`K=V,K=V` added to every daemon's environment, for experiments),
-//! `FLEET_SCAN_BATCH` (batch of the in-process library scan, default 500 as configured),
+//! `FLEET_SCAN_BATCH` (batch of the in-process library scan, default 2000 as configured),
 //! `FLEET_REPLICAS` (one replica alone against this many sharing the fleet, instead of the
 //! full table: `replicas.rs`, for the large sizes),
 //! `FLEET_PERF_DIR` (record `perf` profiles of each phase there; the numbers of such a run
@@ -74,7 +74,7 @@ use support::process::{clk_tck, TempDir};
 use support::{FakeProvider, RedisServer};
 
 /// `registry.scan_batch` default (config/tokenwarden.toml).
-const SCAN_BATCH: usize = 500;
+const SCAN_BATCH: usize = 2000;
 /// The slow-endpoint runs: token answer delay and tokens due.
 const SLOW_ENDPOINT_MS: u64 = 100;
 const SLOW_TOKENS: usize = 2000;

@@ -202,6 +202,9 @@ fn gone_ids(before: &Known, after: &Known) -> Vec<ProviderId> {
         .collect()
 }
 
+/// Sockets a full read's record batches are spread over (see [`store::distinct_conns`]).
+const FEED_SOCKETS: usize = 2;
+
 /// Parsed record batches handed to the engine and not yet applied, during a full read: the
 /// next batches are read while the engine applies these.
 const APPLY_WINDOW: usize = 4;
@@ -214,7 +217,7 @@ const APPLY_WINDOW: usize = 4;
 fn spawn_record_feed(
     ctx: Arc<Context>,
     registry: Registry,
-    conn: store::Connection,
+    conns: Vec<store::Connection>,
     ticket: ReadTicket,
 ) -> (
     mpsc::UnboundedSender<Vec<ProviderId>>,
@@ -226,16 +229,29 @@ fn spawn_record_feed(
             rx.recv().await.map(|ids| (ids, rx))
         })
         .flat_map(futures_util::stream::iter);
+        let mut turn = 0usize;
         let reads = ids.ready_chunks(registry.batch()).map(|chunk| {
-            let (registry, mut conn) = (registry.clone(), conn.clone());
+            // Batches take the sockets in turn.
+            turn = turn.wrapping_add(1);
+            let mut conn = match conns.get(turn % conns.len().max(1)) {
+                Some(c) => c.clone(),
+                None => {
+                    return futures_util::future::Either::Left(async {
+                        Err(StoreError::Pool(
+                            "no connection for the registry read".into(),
+                        ))
+                    })
+                }
+            };
+            let registry = registry.clone();
             // Taken as the read is sent: a local change after it wins over what it returns.
             let read_version = ctx.fleet.read().version();
             let ctx = Arc::clone(&ctx);
-            async move {
+            futures_util::future::Either::Right(async move {
                 let mut stats = ReadStats::default();
                 let read = read_for_engine(&ctx, &registry, &mut conn, &chunk, &mut stats).await?;
                 Ok::<_, StoreError>((chunk, read, read_version, stats))
-            }
+            })
         });
         let mut reads = std::pin::pin!(reads.buffered(PIPELINE_DEPTH));
         let mut stats = ReadStats::default();
@@ -299,8 +315,8 @@ async fn full_scan(
             .await;
         r.map(|()| stats)
     });
-    let feed_conn = store::conn(&ctx.pool).await?;
-    let (feed, feeder) = spawn_record_feed(Arc::clone(ctx), registry.clone(), feed_conn, ticket);
+    let feed_conns = store::distinct_conns(&ctx.pool, FEED_SOCKETS).await?;
+    let (feed, feeder) = spawn_record_feed(Arc::clone(ctx), registry.clone(), feed_conns, ticket);
     let mut seen: HashSet<String> = HashSet::new();
     let mut unowned: HashSet<String> = HashSet::new();
     let mut next = Known::default();
