@@ -156,8 +156,12 @@ impl StoredHealth {
     pub fn from_pairs<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> StoredHealth {
         let mut out = StoredHealth::default();
         for (f, v) in pairs {
-            if let Some(i) = STORED_FIELDS.iter().position(|s| *s == f) {
-                out.0[i] = Some(v.into());
+            let slot = STORED_FIELDS
+                .iter()
+                .position(|s| *s == f)
+                .and_then(|i| out.0.get_mut(i));
+            if let Some(slot) = slot {
+                *slot = Some(v.into());
             }
         }
         out
@@ -166,7 +170,7 @@ impl StoredHealth {
     /// `None`: not a stored field; `Some(None)`: absent.
     fn field(&self, name: &str) -> Option<Option<&str>> {
         let i = STORED_FIELDS.iter().position(|f| *f == name)?;
-        Some(self.0[i].as_deref())
+        self.0.get(i).map(|v| v.as_deref())
     }
 
     /// The stored `next_refresh_at`, when the stored `token_expiry` is `expiry`'s: the plan a
@@ -176,9 +180,7 @@ impl StoredHealth {
             return None;
         }
         let next = self.field("next_refresh_at")??;
-        DateTime::parse_from_rfc3339(next)
-            .ok()
-            .map(|t| t.with_timezone(&Utc))
+        crate::timestamp::parse(next).ok().map(|t| t.at)
     }
 }
 

@@ -233,25 +233,19 @@ fn spawn_record_feed(
         let reads = ids.ready_chunks(registry.batch()).map(|chunk| {
             // Batches take the sockets in turn.
             turn = turn.wrapping_add(1);
-            let mut conn = match conns.get(turn % conns.len().max(1)) {
-                Some(c) => c.clone(),
-                None => {
-                    return futures_util::future::Either::Left(async {
-                        Err(StoreError::Pool(
-                            "no connection for the registry read".into(),
-                        ))
-                    })
-                }
-            };
+            let conn = conns.get(turn % conns.len().max(1)).cloned();
             let registry = registry.clone();
             // Taken as the read is sent: a local change after it wins over what it returns.
             let read_version = ctx.fleet.read().version();
             let ctx = Arc::clone(&ctx);
-            futures_util::future::Either::Right(async move {
+            async move {
+                let mut conn = conn.ok_or_else(|| {
+                    StoreError::Pool("no connection for the registry read".into())
+                })?;
                 let mut stats = ReadStats::default();
                 let read = read_for_engine(&ctx, &registry, &mut conn, &chunk, &mut stats).await?;
                 Ok::<_, StoreError>((chunk, read, read_version, stats))
-            })
+            }
         });
         let mut reads = std::pin::pin!(reads.buffered(PIPELINE_DEPTH));
         let mut stats = ReadStats::default();

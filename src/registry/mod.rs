@@ -237,6 +237,7 @@ impl Registry {
                 conn,
                 tenants,
                 stats,
+                1,
                 |pipe, t| {
                     pipe.cmd("SMEMBERS").arg(keys::providers_set_key(t));
                 },
@@ -290,6 +291,7 @@ impl Registry {
             conn,
             ids,
             stats,
+            2,
             |pipe, id| {
                 pipe.cmd("HMGET").arg(id.record_key()).arg(RECORD_FIELDS);
                 pipe.cmd("HMGET")
@@ -315,6 +317,7 @@ impl Registry {
             conn,
             ids,
             stats,
+            1,
             |pipe, id| {
                 pipe.cmd("HMGET").arg(id.record_key()).arg(fields);
             },
@@ -347,6 +350,7 @@ impl Registry {
             conn,
             ids,
             stats,
+            1,
             |pipe, id| {
                 pipe.cmd("HMGET")
                     .arg(id.record_key())
@@ -357,8 +361,8 @@ impl Registry {
         .await
     }
 
-    /// The commands `command` adds for each item (one or more, the same number for every
-    /// item), about `batch` commands per round trip, up to [`PIPELINE_DEPTH`] round trips in
+    /// The `per_item` commands `command` adds for each item, about `batch` commands per
+    /// round trip, up to [`PIPELINE_DEPTH`] round trips in
     /// flight on the multiplexed connection; each batch is parsed as it arrives, `parse`
     /// taking an item's answers from the batch's, so raw answers never pile up. Errors of
     /// single commands (a key of the wrong type) reach `parse` as values; only a connection
@@ -368,17 +372,10 @@ impl Registry {
         conn: &mut Connection,
         items: &[T],
         stats: &mut ReadStats,
+        per_item: usize,
         command: impl Fn(&mut redis::Pipeline, &T),
         parse: impl Fn(&mut std::vec::IntoIter<Value>) -> O + Copy + Send + 'static,
     ) -> Result<Vec<O>, StoreError> {
-        let per_item = match items.first() {
-            Some(first) => {
-                let mut probe = redis::pipe();
-                command(&mut probe, first);
-                probe.len().max(1)
-            }
-            None => 1,
-        };
         let pipes: Vec<(redis::Pipeline, usize)> = items
             .chunks((self.batch / per_item).max(1))
             .map(|chunk| {
