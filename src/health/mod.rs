@@ -19,6 +19,7 @@ use redis::{Pipeline, Value};
 
 use crate::fleet::Tracked;
 use crate::keys::{ProviderId, EVENTS_STREAM};
+use crate::store::resp::Reply;
 use crate::timestamp::iso_utc;
 
 /// Fields of one health update.
@@ -140,14 +141,34 @@ impl StoredHealth {
         let Value::Array(items) = v else {
             return None;
         };
-        if items.len() != STORED_FIELDS.len() {
+        StoredHealth::from_values(items.iter().map(|item| match item {
+            Value::BulkString(b) => Some(b.as_slice()),
+            _ => None,
+        }))
+    }
+
+    /// As [`StoredHealth::from_value`], from a reply read in place (the bulk sockets).
+    pub fn from_reply(reply: Reply<'_>) -> Option<StoredHealth> {
+        let Reply::Array(items) = reply else {
+            return None;
+        };
+        StoredHealth::from_values(items.map(|item| match item {
+            Reply::Bulk(b) => Some(b),
+            _ => None,
+        }))
+    }
+
+    fn from_values<'a>(
+        values: impl ExactSizeIterator<Item = Option<&'a [u8]>>,
+    ) -> Option<StoredHealth> {
+        if values.len() != STORED_FIELDS.len() {
             return None;
         }
         let mut out = StoredHealth::default();
-        for (slot, item) in out.0.iter_mut().zip(items) {
-            if let Value::BulkString(b) = item {
-                *slot = String::from_utf8(b).ok().map(String::into_boxed_str);
-            }
+        for (slot, value) in out.0.iter_mut().zip(values) {
+            *slot = value
+                .and_then(|b| std::str::from_utf8(b).ok())
+                .map(Box::from);
         }
         out.0.iter().any(Option::is_some).then_some(out)
     }

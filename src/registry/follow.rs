@@ -8,7 +8,7 @@
 //! notifications when the server sends them, else client-tracking invalidations), and a
 //! light change scan every `change_scan_interval_secs` while no event source is live.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,13 +20,16 @@ use crate::config::Notifications;
 use crate::context::Context;
 use crate::context::ReadTicket;
 use crate::engine::Msg;
-use crate::health::StoredHealth;
 use crate::keys::ProviderId;
-use crate::registry::record::RecordState;
 use crate::registry::watch::{self, Change};
-use crate::registry::{Members, ReadStats, Registry, Reported, PIPELINE_DEPTH};
+use crate::registry::{EngineRead, Members, ReadStats, Registry, Reported, PIPELINE_DEPTH};
+use crate::store::bulk::BulkConn;
 use crate::store::{self, StoreError};
 use crate::telemetry::metrics as m;
+
+/// The full read's sets of tenants and ids, hashed as the fleet map is (SipHash was 4 % of a
+/// start).
+type HashSet<T> = std::collections::HashSet<T, foldhash::fast::RandomState>;
 
 /// Records read, applied and committed per step of a full read.
 const APPLY_SLICE: usize = 5_000;
@@ -113,25 +116,74 @@ impl Known {
     }
 }
 
-/// Reads records for the engine. Where it does not know one of them yet (every one at start,
-/// a takeover's), each comes with what its health hash holds: the plans and health a
-/// previous process left are kept where they still hold (see `engine::transition`).
+/// Whether the engine does not know one of `ids` yet (every one at start, a takeover's).
+fn any_unknown(ctx: &Context, ids: &[ProviderId]) -> bool {
+    let fleet = ctx.fleet.read();
+    ids.iter().any(|id| !fleet.providers.contains_key(id))
+}
+
+/// Reads records for the engine. Where it does not know one of them yet, each comes with
+/// what its health hash holds: the plans and health a previous process left are kept where
+/// they still hold (see `engine::transition`).
 async fn read_for_engine(
     ctx: &Context,
     registry: &Registry,
     conn: &mut store::Connection,
     ids: &[ProviderId],
     stats: &mut ReadStats,
-) -> Result<Vec<(RecordState, Option<StoredHealth>)>, StoreError> {
-    let unknown = {
-        let fleet = ctx.fleet.read();
-        ids.iter().any(|id| !fleet.providers.contains_key(id))
-    };
-    if unknown {
+) -> Result<Vec<EngineRead>, StoreError> {
+    if any_unknown(ctx, ids) {
         return registry.read_records_and_health(conn, ids, stats).await;
     }
     let states = registry.read_records(conn, ids, stats).await?;
     Ok(states.into_iter().map(|s| (s, None)).collect())
+}
+
+/// A socket of the full read's record feed: a bulk socket of its own where the topology
+/// offers one ([`BulkConn`]), else a pooled connection.
+#[derive(Clone)]
+enum FeedConn {
+    Bulk(Arc<BulkConn<EngineRead>>),
+    Pooled(store::Connection),
+}
+
+impl FeedConn {
+    /// [`FEED_SOCKETS`] sockets: bulk sockets where offered, else pooled connections on
+    /// distinct sockets.
+    async fn open(ctx: &Context) -> Result<Vec<FeedConn>, StoreError> {
+        let mut bulk = Vec::with_capacity(FEED_SOCKETS);
+        while bulk.len() < FEED_SOCKETS {
+            match BulkConn::open(&ctx.pool).await {
+                Ok(Some(b)) => bulk.push(FeedConn::Bulk(Arc::new(b))),
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "no bulk socket for the registry read: reading through the pool");
+                    break;
+                }
+            }
+        }
+        if bulk.len() == FEED_SOCKETS {
+            return Ok(bulk);
+        }
+        let pooled = store::distinct_conns(&ctx.pool, FEED_SOCKETS).await?;
+        Ok(pooled.into_iter().map(FeedConn::Pooled).collect())
+    }
+
+    async fn read(
+        &self,
+        ctx: &Context,
+        registry: &Registry,
+        ids: &[ProviderId],
+        stats: &mut ReadStats,
+    ) -> Result<Vec<EngineRead>, StoreError> {
+        match self {
+            FeedConn::Bulk(b) => {
+                let with_health = any_unknown(ctx, ids);
+                registry.read_records_bulk(b, ids, with_health, stats).await
+            }
+            FeedConn::Pooled(c) => read_for_engine(ctx, registry, &mut c.clone(), ids, stats).await,
+        }
+    }
 }
 
 /// Reads the given records and applies them, a slice at a time so that parsed records never
@@ -217,7 +269,7 @@ const APPLY_WINDOW: usize = 4;
 fn spawn_record_feed(
     ctx: Arc<Context>,
     registry: Registry,
-    conns: Vec<store::Connection>,
+    conns: Vec<FeedConn>,
     ticket: ReadTicket,
 ) -> (
     mpsc::UnboundedSender<Vec<ProviderId>>,
@@ -239,11 +291,11 @@ fn spawn_record_feed(
             let read_version = ctx.fleet.read().version();
             let ctx = Arc::clone(&ctx);
             async move {
-                let mut conn = conn.ok_or_else(|| {
+                let conn = conn.ok_or_else(|| {
                     StoreError::Pool("no connection for the registry read".into())
                 })?;
                 let mut stats = ReadStats::default();
-                let read = read_for_engine(&ctx, &registry, &mut conn, &chunk, &mut stats).await?;
+                let read = conn.read(&ctx, &registry, &chunk, &mut stats).await?;
                 Ok::<_, StoreError>((chunk, read, read_version, stats))
             }
         });
@@ -309,12 +361,12 @@ async fn full_scan(
             .await;
         r.map(|()| stats)
     });
-    let feed_conns = store::distinct_conns(&ctx.pool, FEED_SOCKETS).await?;
+    let feed_conns = FeedConn::open(ctx).await?;
     let (feed, feeder) = spawn_record_feed(Arc::clone(ctx), registry.clone(), feed_conns, ticket);
-    let mut seen: HashSet<String> = HashSet::new();
-    let mut unowned: HashSet<String> = HashSet::new();
+    let mut seen: HashSet<String> = HashSet::default();
+    let mut unowned: HashSet<String> = HashSet::default();
     let mut next = Known::default();
-    let mut listed: HashSet<ProviderId> = HashSet::new();
+    let mut listed: HashSet<ProviderId> = HashSet::default();
     let mut pending: Vec<String> = Vec::new();
     let mut conn = store::conn(&ctx.pool).await?;
     let mut feed_gone = false;
@@ -425,7 +477,7 @@ async fn light_scan(
     let mut stats = ReadStats::default();
     let mut conn = store::conn(&ctx.pool).await?;
     let mut discovered = registry.discover(&mut conn, &mut stats).await?;
-    let mut unowned: HashSet<String> = HashSet::new();
+    let mut unowned: HashSet<String> = HashSet::default();
     discovered.retain(|t, _| {
         let mine = ctx.membership.owns(t);
         if !mine {

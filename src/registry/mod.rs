@@ -12,7 +12,10 @@
 //!
 //! [`Registry::full_read`] is the overlapped full read: `SCAN` on a connection of its own
 //! while the tenants it finds are handed out slice by slice, with their members, for the
-//! caller to read their records (the daemon's full scan and the fleet benchmark).
+//! caller to read their records (the daemon's full scan and the fleet benchmark). The daemon's
+//! full read sends its record batches over bulk sockets where the topology offers them
+//! ([`Registry::read_records_bulk`], [`crate::store::bulk`]): the same records, parsed from
+//! replies read in place.
 //!
 //! A key of the wrong Redis type never fails a batch: pipelines run with errors kept per
 //! command, and such a key becomes an invalid record (`wrong_type`).
@@ -29,8 +32,10 @@ pub mod record;
 pub mod watch;
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 
+use crate::store::bulk::BulkConn;
+use crate::store::resp::{KeyCommand, Reply};
 use crate::store::Pool;
 
 use futures_util::StreamExt;
@@ -286,7 +291,7 @@ impl Registry {
         conn: &mut Connection,
         ids: &[ProviderId],
         stats: &mut ReadStats,
-    ) -> Result<Vec<(RecordState, Option<StoredHealth>)>, StoreError> {
+    ) -> Result<Vec<EngineRead>, StoreError> {
         self.pipelined(
             conn,
             ids,
@@ -304,6 +309,44 @@ impl Registry {
             },
         )
         .await
+    }
+
+    /// As [`Registry::read_records`] (`with_health`: [`Registry::read_records_and_health`])
+    /// on a bulk socket, in one round trip: the replies are parsed in place.
+    pub async fn read_records_bulk(
+        &self,
+        conn: &BulkConn<EngineRead>,
+        ids: &[ProviderId],
+        with_health: bool,
+        stats: &mut ReadStats,
+    ) -> Result<Vec<EngineRead>, StoreError> {
+        static RECORD: LazyLock<KeyCommand> =
+            LazyLock::new(|| KeyCommand::new("HMGET", RECORD_FIELDS));
+        static HEALTH: LazyLock<KeyCommand> =
+            LazyLock::new(|| KeyCommand::new("HMGET", &health::STORED_FIELDS));
+        // About what the commands take: key and field names, per record and health hash.
+        let mut commands = Vec::with_capacity(ids.len() * if with_health { 560 } else { 420 });
+        for id in ids {
+            RECORD.push(&mut commands, id.record_key().as_bytes());
+            if with_health {
+                HEALTH.push(&mut commands, id.health_key().as_bytes());
+            }
+        }
+        let out = if with_health {
+            conn.query(&commands, ids.len(), 2, |frames| {
+                let record = parse_fields_reply(frames.next_reply(), RECORD_FIELDS);
+                (record, StoredHealth::from_reply(frames.next_reply()))
+            })
+            .await?
+        } else {
+            conn.query(&commands, ids.len(), 1, |frames| {
+                (parse_fields_reply(frames.next_reply(), RECORD_FIELDS), None)
+            })
+            .await?
+        };
+        stats.round_trips += 1;
+        stats.keys += ids.len() as u64;
+        Ok(out)
     }
 
     async fn read_fields(
@@ -540,6 +583,10 @@ fn members_of(v: Value) -> (Members, Vec<(Vec<u8>, BadName)>) {
     (Members::Names(names), bad)
 }
 
+/// A record read for the engine, with its health hash's [`health::STORED_FIELDS`] where they
+/// were read (a record the engine does not know yet).
+pub type EngineRead = (RecordState, Option<StoredHealth>);
+
 /// Every record field tokenwarden reads, `access_token` last.
 pub const RECORD_FIELDS_AND_TOKEN: [&str; 25] = [
     "provider_type",
@@ -581,18 +628,28 @@ pub const RECORD_FIELDS: &[&str] = match RECORD_FIELDS_AND_TOKEN.split_last() {
 pub fn parse_fields_value(v: Value, fields: &[&str]) -> RecordState {
     let items = match v {
         Value::Array(items) => items,
-        Value::ServerError(e) if e.code() == "WRONGTYPE" => {
-            return wrong("wrong_type", "the record key is not a hash")
-        }
         _ => return wrong("wrong_type", "the record key is not a hash"),
     };
     let values: Vec<Option<Vec<u8>>> = items.into_iter().map(bulk_bytes).collect();
-    let present = values.iter().any(Option::is_some);
+    parse_field_values(values.iter().map(|v| v.as_deref()), fields)
+}
+
+/// As [`parse_fields_value`], from a reply read in place (the bulk sockets).
+pub fn parse_fields_reply(reply: Reply<'_>, fields: &[&str]) -> RecordState {
+    match reply {
+        Reply::Array(items) => parse_field_values(items.map(Reply::bytes), fields),
+        _ => wrong("wrong_type", "the record key is not a hash"),
+    }
+}
+
+/// The record of the `HMGET` values of `fields`, in their order.
+fn parse_field_values<'a>(
+    values: impl Iterator<Item = Option<&'a [u8]>>,
+    fields: &[&str],
+) -> RecordState {
     // Each value checked for UTF-8 once, however often the parser asks for it.
-    let parsed: Vec<Field<'_>> = values
-        .iter()
-        .map(|v| Field::of_bytes(v.as_deref()))
-        .collect();
+    let parsed: Vec<Field<'_>> = values.map(Field::of_bytes).collect();
+    let present = parsed.iter().any(|f| !matches!(f, Field::Missing));
     // The parser looks fields up by name, dozens of times per record: by a match on the
     // name where `fields` is the usual list (or a prefix of it), not by searching the list.
     let usual = fields.len() <= RECORD_FIELDS_AND_TOKEN.len()

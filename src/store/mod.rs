@@ -37,6 +37,9 @@ use redis::{
 
 use crate::config::RedisConfig;
 
+pub mod bulk;
+pub mod resp;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("redis: {0}")]
