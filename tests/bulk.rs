@@ -251,6 +251,33 @@ async fn a_bulk_socket_fails_in_time_and_says_why() {
         .expect("bulk socket")
         .expect("offered");
     assert_eq!(bulk_reads(&bulk, &ids, true).await.len(), ids.len());
+
+    // Given up by its caller before the answer: that socket is not used again.
+    let abandoned = BulkConn::<EngineRead>::open(&pool)
+        .await
+        .expect("bulk socket")
+        .expect("offered");
+    let mut stats = ReadStats::default();
+    let registry = Registry::new(1000);
+    {
+        let mut read =
+            std::pin::pin!(registry.read_records_bulk(&abandoned, &ids, true, &mut stats));
+        let first = std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(std::future::Future::poll(read.as_mut(), cx))
+        })
+        .await;
+        assert!(
+            first.is_pending(),
+            "the answer cannot be there at the first poll"
+        );
+        // `read` is dropped here, its batch sent and not answered.
+    }
+    let after = registry
+        .read_records_bulk(&abandoned, &ids, false, &mut stats)
+        .await
+        .expect_err("a socket whose read was given up is not used again")
+        .to_string();
+    assert!(after.contains("failed before"), "{after}");
     let pid = redis.pid().expect("redis pid");
     assert!(send_signal(pid, "STOP"), "SIGSTOP redis-server");
     let started = Instant::now();

@@ -443,7 +443,8 @@ async fn slow_loris_sockets_are_closed_after_the_header_timeout() {
         latest <= open_for.as_secs_f64() + 3.0,
         "closed late: {latest} s (opening took {open_for:?})"
     );
-    assert_eq!(daemon.get("/metrics").await.0, 200);
+    let (status, body) = daemon.get("/metrics").await;
+    assert_eq!(status, 200, "{body}");
     refreshed_at_pace(&fake, &fine, 1).await;
 }
 

@@ -148,6 +148,9 @@ impl<O: Send + 'static> BulkConn<O> {
                 .map_err(|e| failed("write", e))?;
             w.flush().await.map_err(|e| failed("write", e))
         };
+        // Dropped before the answer (the caller gave up, e.g. at shutdown), the batch may be
+        // half written or its replies unread: the socket is not used again.
+        let mut unsettled = BreakOnDrop(Some(&self.broken));
         let result = tokio::time::timeout(self.timeout, async {
             written.await?;
             answer
@@ -160,7 +163,19 @@ impl<O: Send + 'static> BulkConn<O> {
             self.broken.store(true, Ordering::Relaxed);
             self.reader.abort();
         }
+        unsettled.0 = None;
         result
+    }
+}
+
+/// Marks the socket broken when dropped while still holding the flag.
+struct BreakOnDrop<'a>(Option<&'a AtomicBool>);
+
+impl Drop for BreakOnDrop<'_> {
+    fn drop(&mut self) {
+        if let Some(broken) = self.0 {
+            broken.store(true, Ordering::Relaxed);
+        }
     }
 }
 

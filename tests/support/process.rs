@@ -183,10 +183,11 @@ pub(crate) fn http_client(timeout: Duration) -> reqwest::Client {
     reqwest::Client::builder()
         .no_proxy()
         .timeout(timeout)
-        // The daemon closes a kept-alive connection after `http.header_timeout_ms` (5 s)
-        // without a request: a connection idle that long is never reused, or a request
-        // sent just as the daemon closes it fails ("error sending request").
-        .pool_idle_timeout(Duration::from_secs(2))
+        // The daemon closes a kept-alive connection after `http.header_timeout_ms` (5 s;
+        // 1.5 s in the slow-loris test) without a request: a connection idle that long is
+        // never reused, or a request sent just as the daemon closes it fails ("error
+        // sending request").
+        .pool_idle_timeout(Duration::from_secs(1))
         .build()
         .unwrap_or_else(|e| panic!("cannot build an HTTP client: {e}"))
 }
