@@ -243,7 +243,7 @@ async fn a_bulk_socket_fails_in_time_and_says_why() {
     assert!(err.contains("AUTH"), "{err}");
     assert!(!err.contains("wrong-pass-2"), "the password leaked: {err}");
 
-    // Frozen: the read fails within the command timeout, and the socket is not used again.
+    // A socket on a live Redis, then abandoned and frozen cases below.
     let url = format!("redis://:right-pass-1@127.0.0.1:{}/0", redis.port());
     let pool = store::pool(&redis_config(url, 400)).expect("pool");
     let bulk = BulkConn::<EngineRead>::open(&pool)
@@ -259,6 +259,9 @@ async fn a_bulk_socket_fails_in_time_and_says_why() {
         .expect("offered");
     let mut stats = ReadStats::default();
     let registry = Registry::new(1000);
+    // Frozen meanwhile, so that the answer cannot come before the read is dropped.
+    let pid = redis.pid().expect("redis pid");
+    assert!(send_signal(pid, "STOP"), "SIGSTOP redis-server");
     {
         let mut read =
             std::pin::pin!(registry.read_records_bulk(&abandoned, &ids, true, &mut stats));
@@ -272,13 +275,17 @@ async fn a_bulk_socket_fails_in_time_and_says_why() {
         );
         // `read` is dropped here, its batch sent and not answered.
     }
+    assert!(send_signal(pid, "CONT"), "SIGCONT redis-server");
     let after = registry
         .read_records_bulk(&abandoned, &ids, false, &mut stats)
         .await
         .expect_err("a socket whose read was given up is not used again")
         .to_string();
     assert!(after.contains("failed before"), "{after}");
-    let pid = redis.pid().expect("redis pid");
+    drop(abandoned);
+
+    // Frozen during a read: it fails within the command timeout, and the socket is not used
+    // again.
     assert!(send_signal(pid, "STOP"), "SIGSTOP redis-server");
     let started = Instant::now();
     let mut stats = ReadStats::default();
