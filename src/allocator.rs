@@ -7,6 +7,14 @@
 //! one machine, 2026-12-01): glibc capped at two arenas 2.7-3.6 s and 150-160 MB; mimalloc
 //! with its defaults 2.0-2.3 s and 170-195 MB; mimalloc with immediate purging and no eager
 //! arena commit (what [`tune`] sets) 2.0-2.5 s and 115-140 MB.
+//!
+//! Immediate purging has a price while a full read runs: memory freed by one batch is given
+//! back and faulted in, zeroed, by the next (a fifth of the daemon's CPU during a start at
+//! 100,000 providers, most of it in the kernel's `clear_page`). A full read therefore runs
+//! in a [`Burst`]: mimalloc's default delay of one second while it lasts, immediate purging
+//! and a collection once it ends, so what the read freed goes back at once.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 /// The allocator the `tokenwarden` binary installs (`src/main.rs`); the library leaves the
 /// choice to whoever links it.
@@ -33,7 +41,43 @@ pub fn tune() -> bool {
         libmimalloc_sys::mi_option_set(PURGE_DELAY, 0);
         libmimalloc_sys::mi_option_set(ARENA_EAGER_COMMIT, 0);
     }
+    TUNED.store(true, Ordering::Relaxed);
     true
+}
+
+/// [`tune`] set the options: bursts may change the purge delay.
+static TUNED: AtomicBool = AtomicBool::new(false);
+/// Bursts running (full reads may overlap: the last one to end settles).
+static BURSTS: AtomicUsize = AtomicUsize::new(0);
+
+/// A stretch of heavy allocation and freeing (a full registry read): freed memory is kept
+/// for reuse while any burst lasts, and handed back when the last one ends. Does nothing
+/// where [`tune`] did not run or did not set the options (tests, other allocators).
+#[must_use = "the burst ends when this is dropped"]
+pub struct Burst(bool);
+
+/// Starts a [`Burst`].
+pub fn burst() -> Burst {
+    if !TUNED.load(Ordering::Relaxed) {
+        return Burst(false);
+    }
+    if BURSTS.fetch_add(1, Ordering::AcqRel) == 0 {
+        // SAFETY: as in `tune`; mimalloc reads the option on each purge decision.
+        unsafe { libmimalloc_sys::mi_option_set(PURGE_DELAY, PURGE_DELAY_DEFAULT) };
+    }
+    Burst(true)
+}
+
+impl Drop for Burst {
+    fn drop(&mut self) {
+        if self.0 && BURSTS.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // SAFETY: as in `tune`; mi_collect may be called from any thread at any time.
+            unsafe {
+                libmimalloc_sys::mi_option_set(PURGE_DELAY, 0);
+                libmimalloc_sys::mi_collect(true);
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -47,5 +91,21 @@ mod tests {
         // SAFETY: reads mimalloc's option table.
         let purge = unsafe { libmimalloc_sys::mi_option_get(super::PURGE_DELAY) };
         assert_eq!(purge, 0);
+        let purge = || unsafe { libmimalloc_sys::mi_option_get(super::PURGE_DELAY) };
+        let outer = super::burst();
+        assert_eq!(
+            purge(),
+            super::PURGE_DELAY_DEFAULT,
+            "a burst delays purging"
+        );
+        let inner = super::burst();
+        drop(outer);
+        assert_eq!(
+            purge(),
+            super::PURGE_DELAY_DEFAULT,
+            "until the last burst ends"
+        );
+        drop(inner);
+        assert_eq!(purge(), 0, "then purging is immediate again");
     }
 }

@@ -497,26 +497,27 @@ impl Catalog {
         self.resolve_with(provider_type, o, true)
     }
 
-    fn resolve_with(
-        &self,
+    fn resolve_with<'a>(
+        &'a self,
         provider_type: &str,
-        o: &Overrides<'_>,
+        o: &Overrides<'a>,
         fallback: bool,
     ) -> Result<TokenEndpoint, ResolveError> {
         let entry = self
             .providers
             .get(provider_type)
             .ok_or(ResolveError::UnknownProviderType)?;
-        let pick = |record: Option<&str>, f: fn(&Entry) -> Option<&String>| -> Option<String> {
+        // Borrowed: a registry read resolves every record, so nothing is copied but what
+        // the endpoint keeps.
+        let pick = |record: Option<&'a str>, f: fn(&Entry) -> Option<&String>| -> Option<&'a str> {
             record
                 .filter(|s| !s.trim().is_empty())
-                .map(str::to_string)
-                .or_else(|| non_blank(f(entry)).cloned())
-                .or_else(|| non_blank(f(&self.defaults)).cloned())
+                .or_else(|| non_blank(f(entry)).map(String::as_str))
+                .or_else(|| non_blank(f(&self.defaults)).map(String::as_str))
         };
         let template =
             pick(o.token_url, |e| e.token_url.as_ref()).ok_or(ResolveError::NoTokenUrl)?;
-        let token_url = expand(&template, o);
+        let token_url = expand(template, o);
         if !(token_url.starts_with("https://") || token_url.starts_with("http://")) {
             return Err(ResolveError::BadTokenUrl);
         }
@@ -524,12 +525,12 @@ impl Catalog {
             AuthMethod::PrivateKeyJwt
         } else {
             match pick(o.token_auth_method, |e| e.token_auth_method.as_ref()) {
-                Some(s) => AuthMethod::parse(&s).ok_or(ResolveError::BadAuthMethod)?,
+                Some(s) => AuthMethod::parse(s).ok_or(ResolveError::BadAuthMethod)?,
                 None => AuthMethod::Basic,
             }
         };
         let app_grant = pick(None, |e| e.app_grant_type.as_ref())
-            .map(|g| Grant::parse(&g).ok_or(ResolveError::BadGrant))
+            .map(|g| Grant::parse(g).ok_or(ResolveError::BadGrant))
             .transpose()?;
         let fallback_grant = app_grant
             .filter(|_| {
@@ -545,7 +546,7 @@ impl Catalog {
             Grant::parse(g).ok_or(ResolveError::BadGrant)?
         } else if o.has_refresh_token {
             match pick(None, |e| e.grant_type.as_ref()) {
-                Some(g) => Grant::parse(&g).ok_or(ResolveError::BadGrant)?,
+                Some(g) => Grant::parse(g).ok_or(ResolveError::BadGrant)?,
                 None => Grant::RefreshToken,
             }
         } else {
@@ -561,28 +562,22 @@ impl Catalog {
                 _ => ResolveError::MissingCredential("personal_access_token"),
             });
         }
-        let scope_of = |e: &Entry| match &e.scope {
-            Some(ScopeSetting::All(s)) if grant.is_app_grant() => Some(s.clone()),
+        let scope_of = |e: &'a Entry| match &e.scope {
+            Some(ScopeSetting::All(s)) if grant.is_app_grant() => Some(s.as_str()),
             Some(ScopeSetting::PerGrant(m)) => m
                 .iter()
                 .find(|(k, _)| Grant::parse(k) == Some(grant))
-                .map(|(_, v)| v.clone()),
+                .map(|(_, v)| v.as_str()),
             _ => None,
         };
         let scope = scope_of(entry)
             .filter(|s| !s.trim().is_empty())
             .or_else(|| scope_of(&self.defaults).filter(|s| !s.trim().is_empty()))
-            .unwrap_or_else(|| {
-                if grant.is_app_grant() {
-                    "{scopes}".into()
-                } else {
-                    String::new()
-                }
-            });
+            .unwrap_or(if grant.is_app_grant() { "{scopes}" } else { "" });
         let scope = if scope.trim() == "none" {
             String::new()
         } else {
-            scope
+            scope.to_string()
         };
         let default_expires_in = entry
             .default_expires_in_secs
@@ -668,6 +663,10 @@ impl Catalog {
 
 /// Expands `{account_key}` (`{tenant}`), `{client_id}` and `{api_base_url}` in a template.
 fn expand(template: &str, o: &Overrides<'_>) -> String {
+    if !template.contains('{') {
+        // The usual token URL: nothing to put in.
+        return template.to_string();
+    }
     template
         .replace("{account_key}", o.account_key)
         .replace("{tenant}", o.account_key)

@@ -21,7 +21,11 @@
 
 pub mod transition;
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::VecDeque;
+
+/// Sets and maps of provider ids, hashed with foldhash (every record of a full read passes).
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+type HashSet<T> = std::collections::HashSet<T, foldhash::fast::RandomState>;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -509,14 +513,14 @@ pub async fn run(
         ctx: Arc::clone(&ctx),
         deadlines: Deadlines::new(),
         ready: VecDeque::new(),
-        queued: HashSet::new(),
-        in_flight: HashSet::new(),
+        queued: HashSet::default(),
+        in_flight: HashSet::default(),
         rng: fastrand::Rng::new(),
         pol: Policies::from_config(&cfg),
         pol_generation: ctx.settings.generation(),
         slots: Arc::clone(&slots),
         tracker: tracker.clone(),
-        waiters: HashMap::new(),
+        waiters: HashMap::default(),
         draining: false,
     };
     let mut tick = tokio::time::interval(Duration::from_millis(250));

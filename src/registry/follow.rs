@@ -347,6 +347,7 @@ async fn full_scan(
     known: &mut Known,
 ) -> Result<FullScan, StoreError> {
     let started = Instant::now();
+    let _burst = crate::allocator::burst();
     let ticket = ctx.read_ticket();
     let mut stats = ReadStats::default();
     // SCAN runs on its own connection while the tenants it found are read: the full read

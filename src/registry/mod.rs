@@ -324,8 +324,17 @@ impl Registry {
             LazyLock::new(|| KeyCommand::new("HMGET", RECORD_FIELDS));
         static HEALTH: LazyLock<KeyCommand> =
             LazyLock::new(|| KeyCommand::new("HMGET", &health::STORED_FIELDS));
-        // About what the commands take: key and field names, per record and health hash.
-        let mut commands = Vec::with_capacity(ids.len() * if with_health { 560 } else { 420 });
+        // What the commands take, at most (`:health` is 7 bytes): one allocation.
+        let per_key = |id: &ProviderId| {
+            let key_len = "tenant::provider:".len() + id.tenant.len() + id.provider.len();
+            RECORD.encoded_len(key_len)
+                + if with_health {
+                    HEALTH.encoded_len(key_len + 7)
+                } else {
+                    0
+                }
+        };
+        let mut commands = Vec::with_capacity(ids.iter().map(per_key).sum());
         for id in ids {
             RECORD.push(&mut commands, id.record_key().as_bytes());
             if with_health {

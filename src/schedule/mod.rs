@@ -7,7 +7,8 @@
 
 pub mod policy;
 
-use std::collections::HashMap;
+/// Keyed by provider id, hashed with foldhash: set for every record of a full read.
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 

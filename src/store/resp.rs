@@ -302,6 +302,12 @@ impl KeyCommand {
         KeyCommand { head, tail }
     }
 
+    /// An upper bound of what [`KeyCommand::push`] adds for a key of `key_len` bytes.
+    pub fn encoded_len(&self, key_len: usize) -> usize {
+        // `$`, up to 20 digits, two CRLFs.
+        self.head.len() + self.tail.len() + key_len + 25
+    }
+
     pub fn push(&self, out: &mut Vec<u8>, key: &[u8]) {
         out.extend_from_slice(&self.head);
         push_bulk(out, key);
