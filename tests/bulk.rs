@@ -1,7 +1,9 @@
 //! The bulk sockets of the full read (`store::bulk`): against a real `redis-server`, their
 //! records and stored health parse exactly as the pooled reads' do, hostile records
 //! included; they log in with an ACL user and a database of their own; a wrong password, a
-//! frozen Redis and a Redis that dies fail the read in time, never hang it or panic.
+//! frozen Redis and a Redis that dies fail the read in time, never hang it or panic; a Redis
+//! still loading its dump (`-LOADING`) fails the read on both paths instead of making every
+//! record invalid.
 
 mod support;
 
@@ -326,4 +328,79 @@ async fn a_bulk_socket_fails_in_time_and_says_why() {
         err.contains("closed") || err.contains("read") || err.contains("write"),
         "{err}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loading_redis_fails_the_read_instead_of_making_records_invalid() {
+    let mut redis = RedisServer::start();
+    let mut admin = redis.conn();
+    let ids = seed_mixed(&mut admin);
+    // Enough keys that loading them at 2 ms each takes about 6 s.
+    let mut filler = redis::pipe();
+    for i in 0..3000 {
+        filler
+            .cmd("SET")
+            .arg(format!("filler:{i}"))
+            .arg("x")
+            .ignore();
+    }
+    filler.query::<()>(&mut admin).expect("filler keys");
+    drop(admin);
+    let pool = store::pool(&redis_config(redis.url(), 2_000)).expect("pool");
+    let loaded = pooled_reads(&pool, &ids, true).await;
+
+    redis.restart_loading(2_000);
+    let started = Instant::now();
+    let registry = Registry::new(1000);
+    let mut stats = ReadStats::default();
+    let mut conn = store::conn(&pool).await.expect("pooled connection");
+    for with_health in [false, true] {
+        let err = if with_health {
+            registry
+                .read_records_and_health(&mut conn, &ids, &mut stats)
+                .await
+                .map(|_| ())
+        } else {
+            registry
+                .read_records(&mut conn, &ids, &mut stats)
+                .await
+                .map(|_| ())
+        };
+        let err = err
+            .expect_err("a pooled read of a loading Redis failed")
+            .to_string();
+        assert!(err.to_lowercase().contains("loading"), "{err}");
+    }
+    let tenants: Vec<String> = ids.iter().map(|id| id.tenant.to_string()).collect();
+    let err = registry
+        .read_members(&mut conn, &tenants, &mut stats)
+        .await
+        .expect_err("members of a loading Redis are not read as none")
+        .to_string();
+    assert!(err.to_lowercase().contains("loading"), "{err}");
+    // The bulk socket logs in (AUTH and SELECT are served while loading), then its read fails.
+    let bulk = BulkConn::<EngineRead>::open(&pool)
+        .await
+        .expect("bulk socket")
+        .expect("offered");
+    let err = Registry::new(1000)
+        .read_records_bulk(&bulk, &ids, true, &mut stats)
+        .await
+        .expect_err("a bulk read of a loading Redis failed")
+        .to_string();
+    assert!(err.to_lowercase().contains("loading"), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "the reads were answered while Redis was still loading ({:?})",
+        started.elapsed()
+    );
+
+    // Once loaded, both paths read what was there before, to the byte.
+    redis.wait_loaded(Duration::from_secs(30));
+    assert_eq!(pooled_reads(&pool, &ids, true).await, loaded);
+    let bulk = BulkConn::<EngineRead>::open(&pool)
+        .await
+        .expect("bulk socket")
+        .expect("offered");
+    assert_eq!(bulk_reads(&bulk, &ids, true).await, loaded);
 }

@@ -18,7 +18,8 @@
 //! replies read in place.
 //!
 //! A key of the wrong Redis type never fails a batch: pipelines run with errors kept per
-//! command, and such a key becomes an invalid record (`wrong_type`).
+//! command, and such a key becomes an invalid record (`wrong_type`). Any other error answer
+//! (`LOADING`, `BUSY`, ...) fails the batch: it says nothing about the key.
 //!
 //! Nothing read here is trusted to be text. SCAN keys and set members are read as bytes and
 //! checked by [`keys::tenant_id`] and [`keys::provider_name`]: a bad name (SPEC 1.3 "Names")
@@ -444,6 +445,7 @@ impl Registry {
             let mut c = base.clone();
             async move {
                 let values: Vec<Value> = pipe.query_async(&mut c).await?;
+                fail_on_server_error(&values)?;
                 let mut answers = values.into_iter();
                 Ok::<_, redis::RedisError>((0..n).map(|_| parse(&mut answers)).collect::<Vec<O>>())
             }
@@ -456,6 +458,20 @@ impl Registry {
         }
         stats.keys += items.len() as u64;
         Ok(out)
+    }
+}
+
+/// An error answer other than `WRONGTYPE` in a batch (`LOADING` from a Redis still loading
+/// its dump, `BUSY`, `MASTERDOWN`, `NOPERM`, ...) says nothing about the key: the whole read
+/// fails and is tried again, rather than the record being taken as invalid (or a tenant as
+/// gone) and that written to its health.
+fn fail_on_server_error(values: &[Value]) -> Result<(), redis::RedisError> {
+    match values.iter().find_map(|v| match v {
+        Value::ServerError(e) if e.code() != "WRONGTYPE" => Some(e),
+        _ => None,
+    }) {
+        Some(e) => Err(e.clone().into()),
+        None => Ok(()),
     }
 }
 

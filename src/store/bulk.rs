@@ -267,6 +267,22 @@ async fn read_frames(
     Ok(())
 }
 
+/// The code of the first error reply other than `WRONGTYPE` among the replies ending at
+/// `ends` (`LOADING`, `BUSY`, `NOPERM`, ...): it says nothing about its key, so the batch
+/// fails instead of being parsed.
+fn server_error<'a>(buf: &'a [u8], ends: &[usize]) -> Option<&'a [u8]> {
+    let starts = std::iter::once(0).chain(ends.iter().copied());
+    starts.zip(ends).find_map(|(start, &end)| {
+        // An error reply is one line: `-CODE message\r\n`.
+        let line = buf.get(start..end)?.strip_prefix(b"-")?;
+        let code = line
+            .split(|b| *b == b' ' || *b == b'\r')
+            .next()
+            .unwrap_or_default();
+        (code != b"WRONGTYPE").then_some(code)
+    })
+}
+
 /// The socket's reader task: for each job in write order, reads its replies, parses them
 /// and answers. Ends, failing the job at hand, on a socket error or a malformed reply.
 async fn read_replies<O>(
@@ -284,9 +300,15 @@ async fn read_replies<O>(
             return;
         }
         let used = ends.last().copied().unwrap_or(0);
-        let mut frames = Frames::new(buf.get(..used).unwrap_or_default(), &ends);
-        let out: Vec<O> = (0..job.items).map(|_| (job.parse)(&mut frames)).collect();
-        let _ = job.done.send(Ok(out));
+        let answer = match server_error(&buf, &ends) {
+            // A failed query retires the socket (see `query`); the next read opens another.
+            Some(code) => Err(failed("read", String::from_utf8_lossy(code))),
+            None => {
+                let mut frames = Frames::new(buf.get(..used).unwrap_or_default(), &ends);
+                Ok((0..job.items).map(|_| (job.parse)(&mut frames)).collect())
+            }
+        };
+        let _ = job.done.send(answer);
         // What arrived past this job's replies belongs to the next one.
         buf.drain(..used);
     }

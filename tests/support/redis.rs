@@ -152,6 +152,73 @@ impl RedisServer {
     }
 }
 
+impl RedisServer {
+    /// Saves the data, then starts again on the same port loading it slowly: `delay_us`
+    /// microseconds per key, the clients served between keys, so that every data command
+    /// answers `-LOADING` meanwhile (as a Redis restarting with a large dump does). Returns
+    /// once the server answers `LOADING`; [`RedisServer::wait_loaded`] waits for the end.
+    pub fn restart_loading(&mut self, delay_us: u32) {
+        if self.child.is_some() {
+            self.stop();
+        }
+        let mut args = self.extra_args.clone();
+        args.extend(
+            [
+                "--key-load-delay",
+                &delay_us.to_string(),
+                "--loading-process-events-interval-bytes",
+                "1024",
+            ]
+            .map(String::from),
+        );
+        let child = redis_command(self.port, &self.dir, &args)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run redis-server: {e}"));
+        self.child = Some(child);
+        let deadline = Instant::now() + STARTUP_DEADLINE;
+        loop {
+            let answer = self
+                .client()
+                .get_connection_with_timeout(Duration::from_millis(500))
+                .map_err(|e| e.to_string())
+                .and_then(|mut c| {
+                    redis::cmd("EXISTS")
+                        .arg("x")
+                        .query::<i64>(&mut c)
+                        .map_err(|e| e.to_string())
+                });
+            match answer {
+                // The redis crate says `BusyLoading: Redis is loading the dataset in memory`.
+                Err(e) if e.to_lowercase().contains("loading") => return,
+                Ok(_) => panic!(
+                    "redis-server on port {} loaded its dump before it was seen loading: give it more keys or a longer delay",
+                    self.port
+                ),
+                Err(_) if Instant::now() < deadline => std::thread::sleep(POLL),
+                Err(e) => panic!("redis-server on port {} never answered LOADING: {e}", self.port),
+            }
+        }
+    }
+
+    /// Waits until a data command is answered (the dump loaded).
+    pub fn wait_loaded(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let answer = self
+                .client()
+                .get_connection_with_timeout(Duration::from_millis(500))
+                .and_then(|mut c| redis::cmd("EXISTS").arg("x").query::<i64>(&mut c));
+            match answer {
+                Ok(_) => return,
+                Err(e) if Instant::now() >= deadline => {
+                    panic!("redis-server on port {} still not loaded: {e}", self.port)
+                }
+                Err(_) => std::thread::sleep(POLL),
+            }
+        }
+    }
+}
+
 impl Drop for RedisServer {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -161,12 +228,9 @@ impl Drop for RedisServer {
     }
 }
 
-/// Spawns redis-server and waits until it answers PING; on failure it is killed and the
-/// error carries its log.
-fn spawn_redis(port: u16, dir: &Path, extra_args: &[String]) -> Result<Child, String> {
-    let url = format!("redis://127.0.0.1:{port}/0");
-    let client =
-        redis::Client::open(url.as_str()).unwrap_or_else(|e| panic!("bad redis URL {url}: {e}"));
+/// `redis-server` on `port` in `dir` (nothing saved but by `SHUTDOWN SAVE`), its output
+/// appended to `dir/redis.log`.
+fn redis_command(port: u16, dir: &Path, extra_args: &[String]) -> Command {
     let log_path = dir.join("redis.log");
     let log = OpenOptions::new()
         .create(true)
@@ -176,8 +240,8 @@ fn spawn_redis(port: u16, dir: &Path, extra_args: &[String]) -> Result<Child, St
     let log_err = log
         .try_clone()
         .unwrap_or_else(|e| panic!("cannot clone {}: {e}", log_path.display()));
-    let mut child = Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+    let mut cmd = Command::new("redis-server");
+    cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
         .args(["--save", "", "--appendonly", "no"])
         .arg("--dir")
         .arg(dir)
@@ -185,7 +249,18 @@ fn spawn_redis(port: u16, dir: &Path, extra_args: &[String]) -> Result<Child, St
         .args(extra_args)
         .stdin(Stdio::null())
         .stdout(log)
-        .stderr(log_err)
+        .stderr(log_err);
+    cmd
+}
+
+/// Spawns redis-server and waits until it answers PING; on failure it is killed and the
+/// error carries its log.
+fn spawn_redis(port: u16, dir: &Path, extra_args: &[String]) -> Result<Child, String> {
+    let url = format!("redis://127.0.0.1:{port}/0");
+    let client =
+        redis::Client::open(url.as_str()).unwrap_or_else(|e| panic!("bad redis URL {url}: {e}"));
+    let log_path = dir.join("redis.log");
+    let mut child = redis_command(port, dir, extra_args)
         .spawn()
         .unwrap_or_else(|e| {
             panic!(
