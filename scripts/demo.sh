@@ -40,9 +40,10 @@ if [ "${#PKGS[@]}" -gt 0 ]; then
 fi
 command -v cargo >/dev/null 2>&1 || { echo "demo: cargo not found (install Rust first)" >&2; exit 1; }
 
-say "building release binaries (cargo build --release; the fake provider is an example)"
-cargo build --release --quiet
-cargo build --release --quiet --example tokenwarden-fake-provider
+say "building release binaries (the fake provider is an example)"
+# One command for both, as CI's release build: built apart, the daemon alone would be
+# compiled a second time (without the examples' dev-dependencies, features unify otherwise).
+cargo build --release --quiet --bin tokenwarden --example tokenwarden-fake-provider
 TW="$ROOT/target/release/tokenwarden"
 FAKE="$ROOT/target/release/examples/tokenwarden-fake-provider"
 
