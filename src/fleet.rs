@@ -4,12 +4,11 @@
 //! (outcomes); read at scrape time to render the state gauges, so a removed provider's series
 //! disappear with its entry. Holds no secrets: refreshes re-read the record under the lock.
 
-use std::collections::HashMap;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use chrono::{DateTime, Utc};
 
-use crate::keys::ProviderId;
+use crate::keys::{FastMap, ProviderId};
 
 /// Health state of SPEC 2, in the order of precedence.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -319,7 +318,7 @@ impl Tracked {
 /// The providers map: each [`Tracked`] boxed, so that growing the map moves pointers, not
 /// whole states (at 100,000 providers the rehashes of an unboxed map were a tenth of a
 /// start's CPU), hashed with foldhash (seeded per process) rather than SipHash.
-pub type Providers = HashMap<ProviderId, Box<Tracked>, foldhash::fast::RandomState>;
+pub type Providers = FastMap<ProviderId, Box<Tracked>>;
 
 /// All tracked providers of this replica.
 #[derive(Debug, Default)]

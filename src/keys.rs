@@ -25,6 +25,16 @@ pub const EVENTS_STREAM: &str = "tokenwarden:events";
 /// Operator requests for the running replicas, and their answers (SPEC 2; [`crate::commands`]).
 pub const COMMANDS_STREAM: &str = "tokenwarden:commands";
 
+/// Maps and sets keyed by provider ids or tenant names, hashed with foldhash: a full read
+/// passes every record through several of them, and SipHash's resistance to chosen keys buys
+/// nothing against names the gateway wrote.
+pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+/// See [`FastMap`].
+pub type FastSet<T> = std::collections::HashSet<T, foldhash::fast::RandomState>;
+
+/// `:health`, the suffix of [`ProviderId::health_key`].
+const HEALTH_SUFFIX: &str = ":health";
+
 /// One provider of one tenant: the unit tokenwarden tracks, refreshes and reports on.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ProviderId {
@@ -99,7 +109,20 @@ impl ProviderId {
 
     /// `tenant:{t}:provider:{p}:health`: our health hash.
     pub fn health_key(&self) -> String {
-        format!("tenant:{}:provider:{}:health", self.tenant, self.provider)
+        format!(
+            "tenant:{}:provider:{}{HEALTH_SUFFIX}",
+            self.tenant, self.provider
+        )
+    }
+
+    /// The length of [`ProviderId::record_key`], without building it.
+    pub fn record_key_len(&self) -> usize {
+        "tenant::provider:".len() + self.tenant.len() + self.provider.len()
+    }
+
+    /// The length of [`ProviderId::health_key`], without building it.
+    pub fn health_key_len(&self) -> usize {
+        self.record_key_len() + HEALTH_SUFFIX.len()
     }
 
     /// `tenant:{t}:provider:{p}:lock`: the refresh lock.
@@ -218,6 +241,8 @@ mod tests {
         let id = ProviderId::new("cloudwarriors", "goto");
         assert_eq!(id.record_key(), "tenant:cloudwarriors:provider:goto");
         assert_eq!(id.health_key(), "tenant:cloudwarriors:provider:goto:health");
+        assert_eq!(id.record_key_len(), id.record_key().len());
+        assert_eq!(id.health_key_len(), id.health_key().len());
         assert_eq!(id.lock_key(), "tenant:cloudwarriors:provider:goto:lock");
         assert_eq!(providers_set_key("a:b"), "tenant:a:b:providers");
     }

@@ -22,10 +22,6 @@
 pub mod transition;
 
 use std::collections::VecDeque;
-
-/// Sets and maps of provider ids, hashed with foldhash (every record of a full read passes).
-type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
-type HashSet<T> = std::collections::HashSet<T, foldhash::fast::RandomState>;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,7 +36,7 @@ use crate::context::{Context, ReadTicket};
 use crate::fleet::{ProbeResult, Verdict};
 use crate::health::writer::HealthOp;
 use crate::health::StoredHealth;
-use crate::keys::ProviderId;
+use crate::keys::{FastMap as HashMap, FastSet as HashSet, ProviderId};
 use crate::refresh::{self, Plan, Trigger};
 use crate::registry::record::RecordState;
 use crate::schedule::Deadlines;

@@ -27,9 +27,9 @@ use crate::store::bulk::BulkConn;
 use crate::store::{self, StoreError};
 use crate::telemetry::metrics as m;
 
-/// The full read's sets of tenants and ids, hashed as the fleet map is (SipHash was 4 % of a
-/// start).
-type HashSet<T> = std::collections::HashSet<T, foldhash::fast::RandomState>;
+// The full read's sets of tenants and ids, hashed as the fleet map is (SipHash was 4 % of a
+// start).
+use crate::keys::FastSet as HashSet;
 
 /// Records read, applied and committed per step of a full read.
 const APPLY_SLICE: usize = 5_000;

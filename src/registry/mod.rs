@@ -325,12 +325,11 @@ impl Registry {
             LazyLock::new(|| KeyCommand::new("HMGET", RECORD_FIELDS));
         static HEALTH: LazyLock<KeyCommand> =
             LazyLock::new(|| KeyCommand::new("HMGET", &health::STORED_FIELDS));
-        // What the commands take, at most (`:health` is 7 bytes): one allocation.
+        // What the commands take, at most: one allocation.
         let per_key = |id: &ProviderId| {
-            let key_len = "tenant::provider:".len() + id.tenant.len() + id.provider.len();
-            RECORD.encoded_len(key_len)
+            RECORD.encoded_len(id.record_key_len())
                 + if with_health {
-                    HEALTH.encoded_len(key_len + 7)
+                    HEALTH.encoded_len(id.health_key_len())
                 } else {
                     0
                 }
@@ -461,13 +460,13 @@ impl Registry {
     }
 }
 
-/// An error answer other than `WRONGTYPE` in a batch (`LOADING` from a Redis still loading
-/// its dump, `BUSY`, `MASTERDOWN`, `NOPERM`, ...) says nothing about the key: the whole read
-/// fails and is tried again, rather than the record being taken as invalid (or a tenant as
-/// gone) and that written to its health.
+/// An error answer other than [`store::KEY_ERROR`] in a batch (`LOADING` from a Redis still
+/// loading its dump, `BUSY`, `MASTERDOWN`, `NOPERM`, ...) says nothing about the key: the
+/// whole read fails and is tried again, rather than the record being taken as invalid (or a
+/// tenant as gone) and that written to its health.
 fn fail_on_server_error(values: &[Value]) -> Result<(), redis::RedisError> {
     match values.iter().find_map(|v| match v {
-        Value::ServerError(e) if e.code() != "WRONGTYPE" => Some(e),
+        Value::ServerError(e) if e.code() != store::KEY_ERROR => Some(e),
         _ => None,
     }) {
         Some(e) => Err(e.clone().into()),
@@ -753,7 +752,7 @@ pub fn parse_record_value(v: Value) -> RecordState {
         }
         Value::Map(pairs) => pairs,
         Value::Nil => Vec::new(),
-        Value::ServerError(e) if e.code() == "WRONGTYPE" => {
+        Value::ServerError(e) if e.code() == store::KEY_ERROR => {
             return wrong("wrong_type", "the record key is not a hash")
         }
         _ => return wrong("wrong_type", "the record key is not a hash"),

@@ -7,8 +7,6 @@
 
 pub mod policy;
 
-/// Keyed by provider id, hashed with foldhash: set for every record of a full read.
-type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -17,7 +15,7 @@ use futures_util::Stream;
 use tokio::time::Instant;
 use tokio_util::time::{delay_queue, DelayQueue};
 
-use crate::keys::ProviderId;
+use crate::keys::{FastMap as HashMap, ProviderId};
 
 /// A deadline that fired.
 #[derive(Debug)]

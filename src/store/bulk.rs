@@ -267,9 +267,8 @@ async fn read_frames(
     Ok(())
 }
 
-/// The code of the first error reply other than `WRONGTYPE` among the replies ending at
-/// `ends` (`LOADING`, `BUSY`, `NOPERM`, ...): it says nothing about its key, so the batch
-/// fails instead of being parsed.
+/// The code of the first error reply other than [`super::KEY_ERROR`] among the replies
+/// ending at `ends`: the batch fails instead of being parsed.
 fn server_error<'a>(buf: &'a [u8], ends: &[usize]) -> Option<&'a [u8]> {
     let starts = std::iter::once(0).chain(ends.iter().copied());
     starts.zip(ends).find_map(|(start, &end)| {
@@ -279,7 +278,7 @@ fn server_error<'a>(buf: &'a [u8], ends: &[usize]) -> Option<&'a [u8]> {
             .split(|b| *b == b' ' || *b == b'\r')
             .next()
             .unwrap_or_default();
-        (code != b"WRONGTYPE").then_some(code)
+        (code != super::KEY_ERROR.as_bytes()).then_some(code)
     })
 }
 

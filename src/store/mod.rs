@@ -40,6 +40,11 @@ use crate::config::RedisConfig;
 pub mod bulk;
 pub mod resp;
 
+/// The one error answer that is about the key itself (a key of another type): the reads
+/// take such a key as an invalid record. Every other error answer (`LOADING`, `BUSY`,
+/// `NOPERM`, ...) fails the read it came in.
+pub const KEY_ERROR: &str = "WRONGTYPE";
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("redis: {0}")]
