@@ -298,14 +298,7 @@ impl Engine {
     fn settle(&mut self, id: &ProviderId, seen: Option<&RecordState>, outcome: Input<'_>) {
         self.in_flight.remove(id);
         if let Some(state) = seen {
-            self.apply(
-                id,
-                Input::Read {
-                    state,
-                    read_version: u64::MAX,
-                    stored: None,
-                },
-            );
+            self.apply(id, Input::Seen(state));
         }
         self.apply(id, outcome);
         let next = self
@@ -453,14 +446,7 @@ impl Engine {
                 ticket,
             } => {
                 if let Some(state) = seen.filter(|_| self.ctx.ticket_valid(ticket)).as_ref() {
-                    self.apply(
-                        &id,
-                        Input::Read {
-                            state,
-                            read_version: u64::MAX,
-                            stored: None,
-                        },
-                    );
+                    self.apply(&id, Input::Seen(state));
                 }
                 self.apply(&id, Input::Replay(&outcome));
             }

@@ -236,6 +236,11 @@ pub enum Input<'a> {
         read_version: u64,
         stored: Option<&'a StoredHealth>,
     },
+    /// The record as a call (refresh, replay, repair) read it under the provider's lock:
+    /// applied as a read that is always newest, but only to a provider still tracked. One
+    /// forgotten while the call ran (it left the registry, or another replica serves it now)
+    /// stays forgotten: the read under the lock is no reason to track it again.
+    Seen(&'a RecordState),
     /// The provider left the registry.
     Gone,
     /// The provider is served by another replica now ([`crate::ownership`]).
@@ -363,6 +368,10 @@ fn decide(
             read_version,
             stored,
         } => on_read(prev, state, read_version, stored, pol, env),
+        Input::Seen(state) => match prev {
+            None => Transition::default(),
+            Some(_) => on_read(prev, state, u64::MAX, None, pol, env),
+        },
         Input::Gone => match prev {
             None => Transition::default(),
             Some(_) => Transition {
@@ -1913,6 +1922,7 @@ mod tests {
                         stored: None,
                     },
                 ),
+                ("seen_valid", Input::Seen(&valid)),
                 ("gone", Input::Gone),
                 ("released", Input::Released),
                 (
@@ -1994,6 +2004,17 @@ mod tests {
                             assert!(!tr.changed, "{name}: an older read is not applied");
                         }
                     }
+                    "seen_valid" => match prev {
+                        None => assert!(
+                            !tr.changed && tr.tracked.is_none(),
+                            "{name}: a provider forgotten during its call stays forgotten"
+                        ),
+                        Some(_) => {
+                            let t = tr.tracked.as_ref().expect("tracked");
+                            assert_eq!(t.verdict, Verdict::Active, "{name}");
+                            assert!(t.next_refresh.is_some(), "{name}: scheduled");
+                        }
+                    },
                     "gone" => {
                         assert!(tr.tracked.is_none(), "{name}");
                         assert_eq!(
