@@ -330,10 +330,17 @@ pub async fn run(ctx: Arc<Context>, cancel: CancellationToken) {
             None
         }
     };
-    // The first read at once, not after the first period.
+    // The first read once the registry's first full read is done (its own SCAN and the
+    // tenants' config reads would otherwise share Redis with the start), not after the
+    // first period.
     {
         let (pool, batch, tx) = (ctx.pool.clone(), cfg.registry.scan_batch, tx.clone());
+        let (status_ctx, first_cancel) = (Arc::clone(&ctx), cancel.clone());
         tokio::spawn(async move {
+            tokio::select! {
+                _ = first_cancel.cancelled() => return,
+                _ = status_ctx.status.first_scan_done() => {}
+            }
             if let Ok(confs) = read_tenants(&pool, batch).await {
                 let _ = tx.send(confs).await;
             }
