@@ -97,6 +97,14 @@ async fn refreshes(fake: &FakeProvider, client: &str, n: u64, within: Duration) 
     }
 }
 
+/// The `refresh_token` field of the record at `key` (empty when there is none).
+fn refresh_token_of(redis: &RedisServer, key: &str) -> String {
+    hgetall(&mut redis.conn(), key)
+        .get("refresh_token")
+        .cloned()
+        .unwrap_or_default()
+}
+
 /// No refresh token used twice, and the record (read by `read`) ends with the live one.
 async fn no_token_lost(fake: &FakeProvider, client: &str, mut read: impl FnMut() -> String) {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -171,13 +179,7 @@ async fn a_least_privilege_acl_user_is_enough() {
     let daemon = Daemon::start(&redis, &env);
     daemon.wait_ready(Duration::from_secs(10)).await;
     refreshes(&fake, &client, 3, Duration::from_secs(15)).await;
-    no_token_lost(&fake, &client, || {
-        hgetall(&mut redis.conn(), &key)
-            .get("refresh_token")
-            .cloned()
-            .unwrap_or_default()
-    })
-    .await;
+    no_token_lost(&fake, &client, || refresh_token_of(&redis, &key)).await;
     let logs = daemon.logs();
     assert!(
         !logs.contains("NOPERM") || logs.contains("taken as off"),
@@ -226,13 +228,7 @@ async fn tls_with_a_throwaway_ca_and_a_client_certificate() {
     let daemon = Daemon::start(&redis, &env);
     daemon.wait_ready(Duration::from_secs(10)).await;
     refreshes(&fake, &client, 3, Duration::from_secs(15)).await;
-    no_token_lost(&fake, &client, || {
-        hgetall(&mut redis.conn(), &key)
-            .get("refresh_token")
-            .cloned()
-            .unwrap_or_default()
-    })
-    .await;
+    no_token_lost(&fake, &client, || refresh_token_of(&redis, &key)).await;
     let info: String = redis::cmd("INFO")
         .arg("stats")
         .query(&mut redis.conn())
@@ -314,13 +310,7 @@ async fn sentinel_failover_while_refreshing_loses_no_token() {
         "refresh_ok",
     );
     let resumed = failover_at.elapsed();
-    no_token_lost(&fake, &client, || {
-        hgetall(&mut replica.conn(), &key)
-            .get("refresh_token")
-            .cloned()
-            .unwrap_or_default()
-    })
-    .await;
+    no_token_lost(&fake, &client, || refresh_token_of(&replica, &key)).await;
     let stats = fake.client_stats(&client).await;
     eprintln!(
         "failover figures: {before} refreshes before; replica promoted after {} ms; daemon on the new master after {} ms; {} more refreshes by {} ms; reuse {}, invalid_grant {}",
@@ -336,6 +326,51 @@ async fn sentinel_failover_while_refreshing_loses_no_token() {
         logs.contains("kept journal entries replayed"),
         "no failover replay in the logs"
     );
+    secrets.assert_not_logged(&daemon);
+}
+
+/// `redis.wait_replicas` asks for a replica this Redis does not have: each write-back's
+/// `WAIT` comes back short after `redis.wait_timeout_ms`. The shortfall is counted
+/// (`redis_wait_shortfall_total`) and logged, never an error: the rotated tokens are
+/// written, the next refreshes follow, and no refresh token is lost or used twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_short_of_replicas_is_counted_and_loses_no_token() {
+    let redis = RedisServer::start();
+    let fake = FakeProvider::start(3600);
+    let mut secrets = Secrets::default();
+    // Tokens of 3 s: a refresh about every 2 s.
+    let (client, key) = seed_rotating(&fake, &mut redis.conn(), "goto", 3, &mut secrets).await;
+    let mut env = FAST_ENV.to_vec();
+    env.extend([
+        ("TOKENWARDEN_REDIS_WAIT_REPLICAS", "1"),
+        ("TOKENWARDEN_REDIS_WAIT_TIMEOUT_MS", "150"),
+    ]);
+    let daemon = Daemon::start(&redis, &env);
+    daemon.wait_ready(Duration::from_secs(10)).await;
+    let stats = refreshes(&fake, &client, 3, Duration::from_secs(20)).await;
+    let refreshed = count(&stats, "refresh_ok");
+    // Each of those write-backs waited for the replica that is not there.
+    let shortfalls =
+        |body: &str| metric(body, "tokenwarden_redis_wait_shortfall_total", &[]).unwrap_or(0.0);
+    wait_until_async(
+        "a counted WAIT shortfall for each write-back",
+        Duration::from_secs(5),
+        || {
+            let daemon = &daemon;
+            async move { shortfalls(&daemon.metrics().await) >= refreshed as f64 }
+        },
+    )
+    .await;
+    let short = shortfalls(&daemon.metrics().await);
+    support::wait_for_log(
+        &daemon,
+        "write-back confirmed by fewer replicas than redis.wait_replicas",
+        Duration::from_secs(5),
+    )
+    .await;
+    no_token_lost(&fake, &client, || refresh_token_of(&redis, &key)).await;
+    println!("{refreshed} refreshes, {short} WAIT shortfalls counted, no token lost");
+    daemon.assert_running();
     secrets.assert_not_logged(&daemon);
 }
 
