@@ -378,6 +378,13 @@ async fn a_loading_redis_fails_the_read_instead_of_making_records_invalid() {
         .expect_err("members of a loading Redis are not read as none")
         .to_string();
     assert!(err.to_lowercase().contains("loading"), "{err}");
+    // The read under a provider's lock (refresh, replay, repair) fails too, instead of
+    // taking the error for a record of the wrong type.
+    let err = Registry::read_record(&mut conn, &ids[0])
+        .await
+        .expect_err("a record read under the lock of a loading Redis failed")
+        .to_string();
+    assert!(err.to_lowercase().contains("loading"), "{err}");
     // The bulk socket logs in (AUTH and SELECT are served while loading), then its read fails.
     let bulk = BulkConn::<EngineRead>::open(&pool)
         .await

@@ -378,7 +378,8 @@ impl Registry {
         .await
     }
 
-    /// One record, parsed (used under the refresh lock).
+    /// One record, parsed (used under the refresh lock). An error answer other than
+    /// `WRONGTYPE` (`LOADING`, `BUSY`, ...) fails the read.
     pub async fn read_record(
         conn: &mut Connection,
         id: &ProviderId,
@@ -387,6 +388,9 @@ impl Registry {
         pipe.ignore_errors();
         pipe.cmd("HGETALL").arg(id.record_key());
         let mut values: Vec<Value> = pipe.query_async(conn).await?;
+        // `WRONGTYPE` is the record's own fault (an invalid record); `LOADING` and the like
+        // are Redis's, and the attempt ends as a Redis error.
+        fail_on_server_error(&values)?;
         Ok(parse_record_value(values.pop().unwrap_or(Value::Nil)))
     }
 
