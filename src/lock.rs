@@ -56,8 +56,9 @@ pub enum Acquire {
 }
 
 /// A held lock. Dropping it does not release it: call [`LockGuard::release`] once the outcome
-/// is written, or let it expire.
-#[derive(Debug)]
+/// is written, or let it expire. A clone names the same hold (the replayer keeps one for an
+/// answer it holds); a release is a compare-and-delete, so a second one changes nothing.
+#[derive(Debug, Clone)]
 pub struct LockGuard {
     key: String,
     owner: String,

@@ -230,6 +230,61 @@ async fn an_answer_redis_lost_reaches_it_from_the_journal_after_both_restart() {
     assert_no_secrets("second daemon", &second.logs(), &secrets);
 }
 
+/// Redis dies while the provider answers and comes back from its append-only file with the
+/// refresh lock still set (30 s, the default). Once the held answer is replayed the lock is
+/// released: the next refresh of the 6 s token follows on time instead of waiting for the
+/// lock to expire.
+#[tokio::test]
+async fn a_held_answer_settled_after_a_redis_restart_releases_its_lock() {
+    let mut redis =
+        RedisServer::start_with_args(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let fake = FakeProvider::start(6);
+    let mut conn = redis.conn();
+    let s = seed(&mut conn, &fake, "relock", json!({"delay_ms": 1000})).await;
+    let lock_key = format!("{}:lock", s.key());
+    let daemon = Daemon::start(&redis, &env_with(&[]));
+    daemon.wait_ready(Duration::from_secs(10)).await;
+    wait_in_flight(&fake, &s.client_id).await;
+    redis.kill();
+    wait_for_log(&daemon, "write-back not confirmed", Duration::from_secs(10)).await;
+    redis.restart();
+    let mut conn = redis_conn_retry(&redis);
+    let kept: Option<String> = redis::cmd("GET")
+        .arg(&lock_key)
+        .query(&mut conn)
+        .unwrap_or(None);
+    assert!(kept.is_some(), "the restarted Redis kept the call's lock");
+    wait_for_log(
+        &daemon,
+        "held token answer replayed",
+        Duration::from_secs(15),
+    )
+    .await;
+    let replayed = Instant::now();
+    let stored = wait_rotated_and_stored(&fake, &redis, &s, Duration::from_secs(5)).await;
+    // The 6 s token is refreshed about 3 s after the replay (a call takes 1 s); the lock
+    // would have held it back for up to 30 s.
+    wait_until_async(
+        "the next refresh after the replay",
+        Duration::from_secs(12),
+        || {
+            let fake = &fake;
+            let id = s.client_id.clone();
+            async move { u64_of(&client(fake, &id).await, "refresh_ok") >= 2 }
+        },
+    )
+    .await;
+    let c = client(&fake, &s.client_id).await;
+    println!(
+        "next refresh {:?} after the replay: {c}",
+        replayed.elapsed()
+    );
+    assert_eq!(u64_of(&c, "reuse"), 0, "{c}");
+    assert_eq!(u64_of(&c, "invalid_grant"), 0, "{c}");
+    let secrets = vec![s.secret.clone(), s.seed_rt.clone(), stored];
+    assert_no_secrets("daemon", &daemon.logs(), &secrets);
+}
+
 #[tokio::test]
 async fn a_frozen_redis_is_noticed_and_the_held_answer_is_replayed_not_retried() {
     let redis = RedisServer::start();

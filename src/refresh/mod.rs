@@ -675,12 +675,12 @@ async fn answered(
         Err(err) => match entry {
             Some(e) => {
                 tracing::warn!(error = %err, "write-back not confirmed: the answer is held and replayed until Redis confirms it");
-                guard.abandon();
                 ctx.replayer.hold(Held {
                     id: id.clone(),
                     journaled: journaled_id.is_some(),
                     entry: e,
                     reservation,
+                    lock: Some(guard),
                     refreshed: refreshed.clone(),
                 });
                 Finished::new(seen, Attempt::Unconfirmed(refreshed))

@@ -23,6 +23,7 @@ use crate::engine::transition::{Refreshed, Replayed};
 use crate::engine::Msg;
 use crate::journal::{replay_entry, Entry, ReplayResult};
 use crate::keys::ProviderId;
+use crate::lock::LockGuard;
 use crate::refresh::reserve::{token_short, Reservation};
 use crate::registry::Registry;
 use crate::store;
@@ -35,6 +36,11 @@ pub struct Held {
     /// Whether the entry is in the journal (else it is in memory only).
     pub journaled: bool,
     pub reservation: Option<Reservation>,
+    /// The lock of the call whose answer this is, kept until the answer is settled and then
+    /// released, so that the next refresh need not wait for it to expire (after a Redis
+    /// restart that kept it, up to `refresh.lock_ttl_secs`). `None` for a previous run's
+    /// entries: their locks expire.
+    pub lock: Option<LockGuard>,
     pub refreshed: Refreshed,
 }
 
@@ -122,6 +128,7 @@ pub fn load_journal(ctx: &Context) -> usize {
                     entry: e,
                     journaled: true,
                     reservation: None,
+                    lock: None,
                     refreshed,
                 });
             }
@@ -238,6 +245,10 @@ async fn pass(ctx: &Context) -> Result<(), ()> {
         }
         if let Some(r) = &h.reservation {
             let _ = r.delete(&mut conn).await;
+        }
+        // The call the lock guarded is over and its answer settled.
+        if let Some(l) = h.lock.clone() {
+            let _ = l.release(&mut conn).await;
         }
         let seen = Registry::read_record(&mut conn, &h.id).await.ok();
         let outcome = match result {
